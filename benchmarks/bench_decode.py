@@ -8,6 +8,7 @@
           K4/V4 K3/V3 K4/V2 K3/V2 (mma and fma kernels) vs torch SDPA on a bf16 cache of
           the same shape (enable_gqa, fastest backend), medians by triton do_bench
           (L2 flushed between runs)
+--kernels per-kernel GPU time of a decode call (torch profiler) at a few shapes
 --big     a cache over 4 GiB per section (64-bit offsets), checked against float64
 --e2e     Llama-3-8B-shaped model with random weights: 128 greedy tokens after a
           32K prompt, tokens/s with PackedKVLayer vs transformers DynamicCache + SDPA
@@ -305,6 +306,44 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------- kernels
+def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
+                presets=("K4/V4", "K3/V2"), calls=20):
+    """GPU time of each kernel of a decode call (torch profiler, CUPTI), median over calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tq.cuda import PRESETS, PackedKVLayer
+
+    log("== kernels (per-kernel GPU time of one decode call)")
+    for ctx, b in configs:
+        k = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+        for preset in presets:
+            kb, vb = PRESETS[preset]
+            layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=WINDOW, batch=b, capacity=ctx + 64)
+            fill_layer(layer, k, k, step=8192)
+            out = torch.empty(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+            for _ in range(5):
+                layer.decode_attention(q, out=out)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    layer.decode_attention(q, out=out)
+                torch.cuda.synchronize()
+            per = {}
+            for ev in prof.events():
+                if ev.device_type.name == "CUDA":
+                    name = ev.name.split("<")[0].replace("void ", "")
+                    per.setdefault(name, []).append(ev.device_time if hasattr(ev, "device_time") else ev.cuda_time)
+            med = {n: float(np.median(v)) for n, v in per.items()}
+            rows.append(dict(kind="kernels", ctx=ctx, batch=b, preset=preset, us=med))
+            log(f"  ctx={ctx} B={b} {preset}: " + ", ".join(f"{n} {t:.1f} us" for n, t in med.items()))
+            del layer
+        del k
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------- e2e
 def run_e2e(rows, layers=32, prompt=32768, gen=128, presets=("K4/V4", "K3/V2")):
     """Llama-3-8B shape (hidden 4096, 32/8 heads, d 128, MLP 14336, vocab 128256), random weights."""
@@ -444,6 +483,11 @@ def markdown(env, rows):
             what = r.get("preset", "") + (f" d={r['head_dim']}" if "head_dim" in r else "") + \
                 (f" offset={r['offset']}" if "offset" in r else "") + (" >4GiB" if r["kind"] == "big" else "")
             out.append(f"| {what} | {r['impl']} | {r['rel_err']:.2e} | {r.get('store_bytes_equal', '')} |")
+    ker = [r for r in rows if r["kind"] == "kernels"]
+    if ker:
+        out += ["", "| per-kernel GPU time (torch profiler, median of 20 calls) | µs |", "|---|---|"]
+        for r in ker:
+            out.append(f"| {r['ctx']} x {r['batch']} {r['preset']} | " + ", ".join(f"{n} {t:.1f}" for n, t in r["us"].items()) + " |")
     e2e = [r for r in rows if r["kind"] in ("e2e", "maxctx")]
     if e2e:
         out += ["", "| end to end | value |", "|---|---|"]
@@ -472,6 +516,7 @@ def main():
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--stem", default="decode_kernel")
     ap.add_argument("--profile", action="store_true", help="one decode per preset/impl (for ncu)")
+    ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time (torch profiler)")
     a = ap.parse_args()
     import torch
 
@@ -505,6 +550,9 @@ def main():
             torch.cuda.synchronize()
         return
     try:
+        if a.kernels:
+            run_kernels(rows)
+            save()
         if a.check:
             run_check(rows, a.quick)
             save()

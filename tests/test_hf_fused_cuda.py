@@ -39,15 +39,21 @@ def test_cpu_ignores_auto_and_rejects_forced_fusion():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _decode_logits(model, cache, ids, steps):
+def _decode_logits(model, cache, ids, steps, tokens=None):
+    """Logits of a prefill and `steps` greedy decode steps; `tokens` [B, steps] forces the
+    fed tokens (so two caches are compared on the same sequence even where argmax differs)."""
     out = model(ids, past_key_values=cache)
     logits = [out.logits[:, -1]]
+    fed = []
     nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(steps):
+    for i in range(steps):
+        if tokens is not None:
+            nxt = tokens[:, i:i + 1]
+        fed.append(nxt)
         out = model(nxt, past_key_values=cache)
         logits.append(out.logits[:, -1])
         nxt = out.logits[:, -1:].argmax(-1)
-    return torch.stack(logits, 1)
+    return torch.stack(logits, 1), torch.cat(fed, 1)
 
 
 @pytest.mark.gpu
@@ -62,10 +68,10 @@ def test_fused_matches_packed_torch_path(preset):
     # (the fused kernel multiplies fp16 operands on tensor cores).
     ref_cache = TurboQuantCache(model.config, preset, window=32, sinks=0, block=1, center_keys=False, fused=False)
     tq.hf.enable(model, ref_cache)
-    ref = _decode_logits(model, ref_cache, ids, 20)
+    ref, fed = _decode_logits(model, ref_cache, ids, 20)
     cache = TurboQuantCache(model.config, preset, window=32, sinks=0, center_keys=False, fused=True, capacity=1024)
     tq.hf.enable(model, cache)
-    got = _decode_logits(model, cache, ids, 20)
+    got, _ = _decode_logits(model, cache, ids, 20, tokens=fed)
     assert all(type(layer).__name__ == "FusedCudaLayer" for layer in cache.layers)
     assert cache.get_seq_length() == 320
     rel = (got - ref).norm() / ref.norm()

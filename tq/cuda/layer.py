@@ -352,7 +352,7 @@ class PackedKVLayer:
                     B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
                     B.i32(max(splits, 1)), qscale)
         smem = reduce_smem_bytes(P, nrep, self.head_dim, self.window, splits)
-        self._launch(mod, "reduce", (H, self.batch), (128,), rargs, smem,
+        self._launch(mod, "reduce", (H, self.batch, nrep), (128,), rargs, smem,
                      key=("reduce", nrep, qt, ot, splits, chunk),
                      updates=((0, qptr), (1, qs0), (2, qs1), (3, opart), (4, mpart), (5, lpart),
                               (10, optr), (11, out.stride(0)), (12, out.stride(1)), (18, float(qscale))))

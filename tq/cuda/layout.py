@@ -121,7 +121,10 @@ def fma_smem_bytes(p: int, kb: int, vb: int, nrep: int) -> int:
 
 
 def reduce_smem_bytes(p: int, nrep: int, head_dim: int, window: int, splits: int) -> int:
-    return 4 * (nrep * p + nrep * head_dim + nrep * window + nrep + max(splits, 1) * nrep)
+    """tq_reduce (one block per query head): merged sum [P], query [D], per-warp
+    window sums [4][D], window weights [W], split weights [splits], scratch [4].
+    ``nrep`` is kept for the call sites; the block no longer depends on it."""
+    return 4 * (p + 5 * head_dim + window + max(splits, 1) + 4)
 
 
 def lut_words(centroids: np.ndarray, bits: int) -> np.ndarray:

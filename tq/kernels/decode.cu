@@ -920,8 +920,11 @@ __global__ void __launch_bounds__(128) tq_split_fma(
 }
 
 // ======================================================================
-// Reduce: grid (H, B), block 128.  Merges the split partials (rotated
-// space), rotates the value sum back, adds the exact window and normalizes.
+// Reduce: grid (H, B, NREP), block 128: one block per query head.  Merges
+// the split partials (rotated space), rotates the value sum back, adds the
+// exact full-precision window and normalizes.  Every loop over tokens or
+// splits keeps several independent loads in flight: this kernel runs after
+// the split kernel, so its latency is paid in full on every decode step.
 // ======================================================================
 struct ReduceArgs {
   const void* q; i64 sqb, sqh;
@@ -934,6 +937,17 @@ struct ReduceArgs {
   float qscale;
 };
 
+// max (IS_MAX) or sum of v over the 4 warps of a 128-thread block; sc: 4 floats
+template <bool IS_MAX>
+TQ_D float block_reduce4(float v, float* sc) {
+  v = IS_MAX ? warp_max(v) : warp_sum(v);
+  if ((threadIdx.x & 31) == 0) sc[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const float r = IS_MAX ? fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3])) : (sc[0] + sc[1]) + (sc[2] + sc[3]);
+  __syncthreads();
+  return r;
+}
+
 template <int P, int NREP, int DT, int WT, int OT>
 __global__ void __launch_bounds__(128) tq_reduce(
     const void* q_, i64 sqb, i64 sqh, const float* opart, const float* mpart, const float* lpart,
@@ -944,94 +958,130 @@ __global__ void __launch_bounds__(128) tq_reduce(
   typedef typename Ty<DT>::raw QT;
   typedef typename Ty<WT>::raw WTT;
   typedef typename Ty<OT>::raw OTT;
-  u8* smem = tq_smem;
-  float* red = reinterpret_cast<float*>(smem);   // [NREP][P]
-  float* qo = red + NREP * P;                    // [NREP][D]
-  float* sw = qo + NREP * a.D;                   // [NREP][W]
-  float* linv = sw + NREP * a.W;                 // [NREP]
-  float* wts = linv + NREP;                      // [splits][NREP]
-  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  constexpr int TU = 8;          // window tokens per warp and round (scores)
+  constexpr int NDI = P / 32;    // dims per lane (window values); D <= P
+  float* red = reinterpret_cast<float*>(tq_smem);  // [P] merged value sum, rotated
+  float* qo = red + P;                             // [D] scaled query
+  float* wsum = qo + a.D;                          // [4][D] window value sums per warp
+  float* sw = wsum + 4 * a.D;                      // [W] window scores, then weights
+  float* wts = sw + a.W;                           // [splits] split weights
+  float* sc = wts + max(a.splits, 1);              // [4] block-reduction scratch
+  const int h = blockIdx.x, b = blockIdx.y, r = blockIdx.z, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
   const int L = a.lengths[b];
   const int nc = max(0, L - a.W);
   const int nw = L - nc;
   const int nsv = (nc + a.chunk - 1) / a.chunk;
   const i64 bh = (i64)b * a.H + h;
-  const QT* q = (const QT*)a.q + b * a.sqb + (i64)h * NREP * a.sqh;
-  for (int i = tid; i < NREP * a.D; i += 128) {
-    const int r = i / a.D, d = i % a.D;
-    qo[i] = Ty<DT>::ld(q + r * a.sqh + d) * a.qscale;
-  }
+  const int hq = h * NREP + r;
+  const QT* q = (const QT*)a.q + b * a.sqb + (i64)hq * a.sqh;
+  for (int d = tid; d < a.D; d += 128) qo[d] = Ty<DT>::ld(q + d) * a.qscale;
   __syncthreads();
-  // window scores (exact, original space)
+
+  // 1. window scores (exact, original space): TU tokens per warp at a time,
+  // lanes over the dims, one warp sum per token at the end
   const WTT* kw = (const WTT*)a.kwin + bh * a.W * a.D;
   const WTT* vw = (const WTT*)a.vwin + bh * a.W * a.D;
-  for (int i = tid; i < NREP * nw; i += 128) {
-    const int r = i / nw, w = i % nw;
-    const WTT* kr = kw + (i64)((nc + w) % a.W) * a.D;
-    float acc = 0.f;
-    for (int d = 0; d < a.D; ++d) acc = fmaf(qo[r * a.D + d], Ty<WT>::ld(kr + d), acc);
-    sw[r * a.W + w] = acc;
-  }
-  __syncthreads();
-  const i64 pb = bh * a.splits * NREP;
-  for (int r = warp; r < NREP; r += 4) {
-    float M = TQ_NEG_INF;
-    for (int s = lane; s < nsv; s += 32) M = fmaxf(M, a.mpart[pb + s * NREP + r]);
-    for (int w = lane; w < nw; w += 32) M = fmaxf(M, sw[r * a.W + w]);
-    M = warp_max(M);
-    float Ls = 0.f;
-    if (M != TQ_NEG_INF) {
-      for (int s = lane; s < nsv; s += 32) {
-        const float ms = a.mpart[pb + s * NREP + r];
-        const float wgt = ms == TQ_NEG_INF ? 0.f : exp2f(ms - M);
-        wts[s * NREP + r] = wgt;
-        Ls += wgt * a.lpart[pb + s * NREP + r];
-      }
-      for (int w = lane; w < nw; w += 32) {
-        const float p = exp2f(sw[r * a.W + w] - M);
-        sw[r * a.W + w] = p;
-        Ls += p;
-      }
-    } else {
-      for (int s = lane; s < nsv; s += 32) wts[s * NREP + r] = 0.f;
-      for (int w = lane; w < nw; w += 32) sw[r * a.W + w] = 0.f;
+  for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
+    const WTT* kr[TU];
+    float part[TU];
+#pragma unroll
+    for (int u = 0; u < TU; ++u) {
+      kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
+      part[u] = 0.f;
     }
-    Ls = warp_sum(Ls);
-    if (lane == 0) linv[r] = Ls > 0.f ? 1.f / Ls : 0.f;
+    for (int d = lane; d < a.D; d += 32) {
+      const float qd = qo[d];
+#pragma unroll
+      for (int u = 0; u < TU; ++u) part[u] = fmaf(qd, Ty<WT>::ld(kr[u] + d), part[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < TU; ++u) {
+      const float s = warp_sum(part[u]);
+      if (lane == u && t0 + u < nw) sw[t0 + u] = s;
+    }
   }
   __syncthreads();
-  for (int i = tid; i < NREP * P; i += 128) {
-    const int r = i / P, j = i % P;
-    float acc = 0.f;
-    for (int s = 0; s < nsv; ++s) acc = fmaf(wts[s * NREP + r], a.opart[(pb + s * NREP + r) * P + j], acc);
-    red[i] = acc;
+
+  // 2. one softmax over the splits' maxima and the window scores
+  const i64 pb = bh * a.splits * NREP;
+  float M = TQ_NEG_INF;
+  for (int s = tid; s < nsv; s += 128) M = fmaxf(M, a.mpart[pb + s * NREP + r]);
+  for (int w = tid; w < nw; w += 128) M = fmaxf(M, sw[w]);
+  M = block_reduce4<true>(M, sc);
+  float Ls = 0.f;
+  for (int s = tid; s < nsv; s += 128) {
+    const float ms = a.mpart[pb + s * NREP + r];
+    const float wgt = (M == TQ_NEG_INF || ms == TQ_NEG_INF) ? 0.f : exp2f(ms - M);
+    wts[s] = wgt;
+    Ls += wgt * a.lpart[pb + s * NREP + r];
+  }
+  for (int w = tid; w < nw; w += 128) {
+    const float p = M == TQ_NEG_INF ? 0.f : exp2f(sw[w] - M);
+    sw[w] = p;
+    Ls += p;
+  }
+  Ls = block_reduce4<false>(Ls, sc);  // its barriers also publish wts and sw
+
+  // 3. merge the split partials (rotated space), 8 loads in flight per thread
+  for (int j = tid; j < P; j += 128) {
+    const float* op = a.opart + (pb + r) * P + j;
+    const i64 st = (i64)NREP * P;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int s = 0;
+    for (; s + 8 <= nsv; s += 8) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[s + u], op[(s + u) * st], acc[u]);
+    }
+    for (; s < nsv; ++s) acc[0] = fmaf(wts[s], op[s * st], acc[0]);
+    red[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
   __syncthreads();
+
+  // 4. inverse rotation: for round 1, 0: FWHT then signs; then * 1/P
   if (nsv > 0) {
-    // inverse rotation: for round 1, 0: FWHT then signs; then * 1/P
     for (int round = 1; round >= 0; --round) {
-      for (int hh = 1; hh < P; hh <<= 1) {
-        for (int i = tid; i < NREP * P / 2; i += 128) {
-          const int r = i / (P / 2), k = i % (P / 2);
-          const int j = (k / hh) * 2 * hh + (k % hh);
-          const float x = red[r * P + j], y = red[r * P + j + hh];
-          red[r * P + j] = x + y;
-          red[r * P + j + hh] = x - y;
+      for (int lh = 0; (1 << lh) < P; ++lh) {
+        const int hh = 1 << lh;
+        for (int i = tid; i < P / 2; i += 128) {
+          const int j = ((i >> lh) << (lh + 1)) + (i & (hh - 1));
+          const float x = red[j], y = red[j + hh];
+          red[j] = x + y;
+          red[j + hh] = x - y;
         }
         __syncthreads();
       }
-      for (int i = tid; i < NREP * P; i += 128)
-        red[i] *= __ldg(a.vsigns + round * P + i % P) * (round == 0 ? 1.0f / P : 1.0f);
+      for (int i = tid; i < P; i += 128) red[i] *= __ldg(a.vsigns + round * P + i) * (round == 0 ? 1.0f / P : 1.0f);
       __syncthreads();
     }
   }
-  OTT* out = (OTT*)a.out + b * a.sob + (i64)h * NREP * a.soh;
-  for (int i = tid; i < NREP * a.D; i += 128) {
-    const int r = i / a.D, d = i % a.D;
-    float acc = red[r * P + d];
-    for (int w = 0; w < nw; ++w)
-      acc = fmaf(sw[r * a.W + w], Ty<WT>::ld(vw + (i64)((nc + w) % a.W) * a.D + d), acc);
-    out[r * a.soh + d] = Ty<OT>::cvt(acc * linv[r]);
+
+  // 5. window values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i
+  float accv[NDI];
+#pragma unroll
+  for (int i = 0; i < NDI; ++i) accv[i] = 0.f;
+#pragma unroll 4
+  for (int w = warp; w < nw; w += 4) {
+    const float p = sw[w];
+    const WTT* vr = vw + (i64)((nc + w) % a.W) * a.D;
+#pragma unroll
+    for (int i = 0; i < NDI; ++i) {
+      const int d = lane + 32 * i;
+      if (d < a.D) accv[i] = fmaf(p, Ty<WT>::ld(vr + d), accv[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NDI; ++i) {
+    const int d = lane + 32 * i;
+    if (d < a.D) wsum[warp * a.D + d] = accv[i];
+  }
+  __syncthreads();
+
+  // 6. normalize and write
+  OTT* out = (OTT*)a.out + b * a.sob + (i64)hq * a.soh;
+  const float linv = Ls > 0.f ? 1.f / Ls : 0.f;
+  for (int d = tid; d < a.D; d += 128) {
+    const float win = (wsum[d] + wsum[a.D + d]) + (wsum[2 * a.D + d] + wsum[3 * a.D + d]);
+    out[d] = Ty<OT>::cvt((red[d] + win) * linv);
   }
 }
