@@ -337,8 +337,17 @@ def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
                     name = ev.name.split("<")[0].replace("void ", "")
                     per.setdefault(name, []).append(ev.device_time if hasattr(ev, "device_time") else ev.cuda_time)
             med = {n: float(np.median(v)) for n, v in per.items()}
-            rows.append(dict(kind="kernels", ctx=ctx, batch=b, preset=preset, us=med))
-            log(f"  ctx={ctx} B={b} {preset}: " + ", ".join(f"{n} {t:.1f} us" for n, t in med.items()))
+            regs = {}
+            try:
+                mod = layer._module("decode", HQ // HKV)
+                for kname in ("mma", "reduce"):
+                    kf = mod.kernels[kname]
+                    regs[kname] = dict(regs=int(kf.num_regs), local=int(kf.local_size_bytes))
+            except Exception as e:  # attribute names differ across CuPy versions
+                regs["error"] = f"{type(e).__name__}: {e}"
+            rows.append(dict(kind="kernels", ctx=ctx, batch=b, preset=preset, us=med, regs=regs,
+                             defines=os.environ.get("TQ_DECODE_DEFINES", "")))
+            log(f"  ctx={ctx} B={b} {preset}: " + ", ".join(f"{n} {t:.1f} us" for n, t in med.items()) + f"  {regs}")
             del layer
         del k
         torch.cuda.empty_cache()

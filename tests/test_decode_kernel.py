@@ -337,3 +337,22 @@ def test_decode_bf16_query_and_output():
     assert out.shape == (2, 32, 1, 128) and out.dtype == torch.bfloat16
     ref = layer.decode_attention(q.float()[:, :, 0], scaling=0.1, impl="fma")
     assert float((out[:, :, 0].float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_reduce_staging_plan():
+    """tq_reduce stages the window only when rows are 16-byte multiples and it fits."""
+    from tq.cuda.layout import REDUCE_STAGE_MAX, reduce_smem_bytes, reduce_stage
+
+    assert reduce_stage(128, 128, 2)                 # bf16 window, 64 KiB
+    assert not reduce_stage(128, 128, 4)             # float32 window: 128 KiB > the cap
+    assert not reduce_stage(33, 128, 2)              # 66-byte rows: no 16-byte copies
+    assert not reduce_stage(128, 0, 2)               # no window
+    staged = reduce_smem_bytes(128, 4, 128, 128, 40, 2)
+    plain = reduce_smem_bytes(128, 4, 128, 128, 40, 4)
+    assert staged - 2 * 128 * 128 * 2 >= 4 * (128 + 5 * 128 + 128 + 40 + 4)
+    assert plain == 4 * (128 + 5 * 128 + 128 + 40 + 4)
+    for d in (33, 64, 80, 96, 128, 256):
+        for w in (0, 1, 64, 128, 1024):
+            for wb in (2, 4):
+                p = 1 << (d - 1).bit_length()
+                assert reduce_smem_bytes(p, 4, d, w, 1024, wb) <= 4 * (p + 5 * d + w + 1024 + 4) + 16 + REDUCE_STAGE_MAX

@@ -59,23 +59,33 @@ def _decode_logits(model, cache, ids, steps, tokens=None):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("preset", ["K4V4", "K3V2"])
-def test_fused_matches_packed_torch_path(preset):
-    """Same cache maths through the fused kernels and through the torch packed path."""
+def test_fused_matches_packed_torch_path(preset, monkeypatch):
+    """Same cache maths through the fused kernels and through the torch packed path.
+
+    The float32 kernel ("fma") must agree at float32 tolerance: that pins the
+    semantics (same codes, window, scaling).  The default tensor-core kernel rounds
+    the query, the centroids and the attention weights to fp16 (2**-11 relative);
+    after two layers and 20 steps its logits may move by a few 1e-3.
+    """
+    from tq.hf.cuda_layer import FusedCudaLayer
     model = _tiny_llama("cuda")
     ids = torch.randint(0, 512, (2, 300), device="cuda")
     # block=1 keeps exactly `window` tokens in full precision, like the fused ring buffer;
-    # no centering, so both paths store identical codes and differ only in arithmetic
-    # (the fused kernel multiplies fp16 operands on tensor cores).
+    # no centering, so both paths store identical codes and differ only in arithmetic.
     ref_cache = TurboQuantCache(model.config, preset, window=32, sinks=0, block=1, center_keys=False, fused=False)
     tq.hf.enable(model, ref_cache)
     ref, fed = _decode_logits(model, ref_cache, ids, 20)
-    cache = TurboQuantCache(model.config, preset, window=32, sinks=0, center_keys=False, fused=True, capacity=1024)
-    tq.hf.enable(model, cache)
-    got, _ = _decode_logits(model, cache, ids, 20, tokens=fed)
-    assert all(type(layer).__name__ == "FusedCudaLayer" for layer in cache.layers)
-    assert cache.get_seq_length() == 320
-    rel = (got - ref).norm() / ref.norm()
-    assert rel < 2e-3, rel
+    rels = {}
+    for impl in ("fma", "auto"):
+        monkeypatch.setattr(FusedCudaLayer, "impl", impl)
+        cache = TurboQuantCache(model.config, preset, window=32, sinks=0, center_keys=False, fused=True, capacity=1024)
+        tq.hf.enable(model, cache)
+        got, _ = _decode_logits(model, cache, ids, 20, tokens=fed)
+        assert all(type(layer).__name__ == "FusedCudaLayer" for layer in cache.layers)
+        assert cache.get_seq_length() == 320
+        rels[impl] = float((got - ref).norm() / ref.norm())
+    assert rels["fma"] < 1e-4, rels
+    assert rels["auto"] < 1e-2, rels
     # bytes: codes + fp16 norms for compressed tokens, the window in fp32, the key means
     bpt = cache.compressed_bytes_per_token()
     kb, vb = int(preset[1]), int(preset[3])

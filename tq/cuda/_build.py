@@ -52,7 +52,9 @@ class Module:
                 "reduce": f"tq_reduce<{p},{nrep},{qt},{wt},{ot}>",
             }
         exprs = [n for n in self.names.values() if n]
-        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",), name_expressions=exprs)
+        # TQ_DECODE_DEFINES="-DNAME=VALUE ...": compile-time variants for benchmarks only
+        extra = tuple(os.environ.get("TQ_DECODE_DEFINES", "").split())
+        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",) + extra, name_expressions=exprs)
         self.kernels = {k: (self.module.get_function(n) if n else None) for k, n in self.names.items()}
         self._smem_set: dict[str, int] = {}
 

@@ -12,7 +12,7 @@ import numpy as np
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
                      lut_words, mma_smem_bytes, padded_dim, plan_splits, quantizer_config,
-                     reduce_smem_bytes)
+                     reduce_smem_bytes, reduce_stage)
 
 LOG2E = 1.4426950408889634
 
@@ -350,8 +350,10 @@ class PackedKVLayer:
                     np.uint64(lpart), B.ptr(self.lengths), B.ptr(self.kwin), B.ptr(self.vwin),
                     B.ptr(self._vsigns), B.ptr(out), B.i64(out.stride(0)), B.i64(out.stride(1)),
                     B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
-                    B.i32(max(splits, 1)), qscale)
-        smem = reduce_smem_bytes(P, nrep, self.head_dim, self.window, splits)
+                    B.i32(max(splits, 1)), qscale, B.i32(stage))
+        wb = self.kwin.element_size()
+        stage = int(reduce_stage(self.head_dim, self.window, wb))
+        smem = reduce_smem_bytes(P, nrep, self.head_dim, self.window, splits, wb)
         self._launch(mod, "reduce", (H, self.batch, nrep), (128,), rargs, smem,
                      key=("reduce", nrep, qt, ot, splits, chunk),
                      updates=((0, qptr), (1, qs0), (2, qs1), (3, opart), (4, mpart), (5, lpart),

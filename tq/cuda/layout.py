@@ -13,7 +13,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "reduce_smem_bytes", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "reduce_smem_bytes", "reduce_stage", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -120,11 +120,24 @@ def fma_smem_bytes(p: int, kb: int, vb: int, nrep: int) -> int:
     return 4 * floats + 4 * (tile * (p * vb // 32) + 1)
 
 
-def reduce_smem_bytes(p: int, nrep: int, head_dim: int, window: int, splits: int) -> int:
+#: most shared memory tq_reduce uses to stage the full-precision window (K and V)
+REDUCE_STAGE_MAX = 96 * 1024
+
+
+def reduce_stage(head_dim: int, window: int, dtype_bytes: int) -> bool:
+    """Whether tq_reduce copies the window to shared memory (cp.async, 16-byte rows)."""
+    return window > 0 and (head_dim * dtype_bytes) % 16 == 0 and 2 * window * head_dim * dtype_bytes <= REDUCE_STAGE_MAX
+
+
+def reduce_smem_bytes(p: int, nrep: int, head_dim: int, window: int, splits: int, dtype_bytes: int = 2) -> int:
     """tq_reduce (one block per query head): merged sum [P], query [D], per-warp
-    window sums [4][D], window weights [W], split weights [splits], scratch [4].
+    window sums [4][D], window weights [W], split weights [splits], scratch [4]
+    (float32), then the staged window K and V when :func:`reduce_stage`.
     ``nrep`` is kept for the call sites; the block no longer depends on it."""
-    return 4 * (p + 5 * head_dim + window + max(splits, 1) + 4)
+    base = 4 * (p + 5 * head_dim + window + max(splits, 1) + 4)
+    if reduce_stage(head_dim, window, dtype_bytes):
+        base = -(-base // 16) * 16 + 2 * window * head_dim * dtype_bytes
+    return base
 
 
 def lut_words(centroids: np.ndarray, bits: int) -> np.ndarray:

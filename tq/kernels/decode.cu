@@ -368,6 +368,9 @@ TQ_D void rotate_queries(const SplitArgs& a, float* qs, int b, int h) {
 }
 
 // ---------------------------------------------------------------- mma path
+#ifndef TQ_KCHAINS
+#define TQ_KCHAINS 2
+#endif
 TQ_D void mma16816(float (&c)[4], const uint4& a, u32 b0, u32 b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -580,9 +583,14 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
     const int nvld = min(16, end - tok0);
 
     // ---- scores S[head][token] for the 16 tokens (two n-tiles)
+    // TQ_KCHAINS independent accumulators per n-tile (chunk c feeds chain c % TQ_KCHAINS):
+    // shorter mma dependency chains, summed once per tile
     float sc[2][4];
+    float scc[TQ_KCHAINS][2][4];
 #pragma unroll
-    for (int z = 0; z < 2; ++z) sc[z][0] = sc[z][1] = sc[z][2] = sc[z][3] = 0.f;
+    for (int ch = 0; ch < TQ_KCHAINS; ++ch)
+#pragma unroll
+      for (int z = 0; z < 2; ++z) scc[ch][z][0] = scc[ch][z][1] = scc[ch][z][2] = scc[ch][z][3] = 0.f;
     {
       u32 wk[2][SK / 4 + 2];
 #pragma unroll
@@ -611,11 +619,20 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
             b0 = hk[2 * (c & 1)];
             b1 = hk[2 * (c & 1) + 1];
           }
-          mma16816(sc[z], qa, b0, b1);
+          mma16816(scc[c % TQ_KCHAINS][z], qa, b0, b1);
         }
       };
       sfor<0, P / 16>(kchunk);
     }
+#pragma unroll
+    for (int z = 0; z < 2; ++z)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = scc[0][z][e];
+#pragma unroll
+        for (int ch = 1; ch < TQ_KCHAINS; ++ch) v += scc[ch][z][e];
+        sc[z][e] = v;
+      }
     // ---- scale by key norms, mask, online softmax (rows g and g + 8)
     float nk[4], nvv[4];
     {
@@ -952,7 +969,7 @@ template <int P, int NREP, int DT, int WT, int OT>
 __global__ void __launch_bounds__(128) tq_reduce(
     const void* q_, i64 sqb, i64 sqh, const float* opart, const float* mpart, const float* lpart,
     const int* lengths, const void* kwin, const void* vwin, const float* vsigns, void* out_,
-    i64 sob, i64 soh, int H, int D, int W, int chunk, int splits, float qscale) {
+    i64 sob, i64 soh, int H, int D, int W, int chunk, int splits, float qscale, int stage) {
   const ReduceArgs a = {q_, sqb, sqh, opart, mpart, lpart, lengths, kwin, vwin, vsigns, out_, sob,
                         soh, H, D, W, chunk, splits, qscale};
   typedef typename Ty<DT>::raw QT;
@@ -966,22 +983,82 @@ __global__ void __launch_bounds__(128) tq_reduce(
   float* sw = wsum + 4 * a.D;                      // [W] window scores, then weights
   float* wts = sw + a.W;                           // [splits] split weights
   float* sc = wts + max(a.splits, 1);              // [4] block-reduction scratch
+  // [2][W][D] window staging (stage = 1), 16-byte aligned
+  WTT* kst = reinterpret_cast<WTT*>(tq_smem + ((4 * (P + 5 * a.D + a.W + max(a.splits, 1) + 4) + 15) & ~15));
+  WTT* vst = kst + a.W * a.D;
   const int h = blockIdx.x, b = blockIdx.y, r = blockIdx.z, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
   const int L = a.lengths[b];
   const int nc = max(0, L - a.W);
-  const int nw = L - nc;
+  const int nw = L - nc;  // the window occupies slots [0, nw): all W, or nc = 0
   const int nsv = (nc + a.chunk - 1) / a.chunk;
   const i64 bh = (i64)b * a.H + h;
   const int hq = h * NREP + r;
-  const QT* q = (const QT*)a.q + b * a.sqb + (i64)hq * a.sqh;
-  for (int d = tid; d < a.D; d += 128) qo[d] = Ty<DT>::ld(q + d) * a.qscale;
-  __syncthreads();
-
-  // 1. window scores (exact, original space): TU tokens per warp at a time,
-  // lanes over the dims, one warp sum per token at the end
   const WTT* kw = (const WTT*)a.kwin + bh * a.W * a.D;
   const WTT* vw = (const WTT*)a.vwin + bh * a.W * a.D;
+
+  // 0. start copying the window to shared memory; it lands while the splits merge
+  if (stage) {
+    const int n16 = nw * a.D * (int)sizeof(WTT) / 16;
+    for (int i = tid; i < n16; i += 128) {
+      cp_async16(reinterpret_cast<u8*>(kst) + 16 * i, reinterpret_cast<const u8*>(kw) + 16 * i);
+      cp_async16(reinterpret_cast<u8*>(vst) + 16 * i, reinterpret_cast<const u8*>(vw) + 16 * i);
+    }
+    cp_commit();
+    kw = kst;
+    vw = vst;
+  }
+  const QT* q = (const QT*)a.q + b * a.sqb + (i64)hq * a.sqh;
+  for (int d = tid; d < a.D; d += 128) qo[d] = Ty<DT>::ld(q + d) * a.qscale;
+
+  // 1. merge the split partials relative to their own max Ms (rotated space)
+  const i64 pb = bh * a.splits * NREP;
+  float Ms = TQ_NEG_INF;
+  for (int s = tid; s < nsv; s += 128) Ms = fmaxf(Ms, a.mpart[pb + s * NREP + r]);
+  Ms = block_reduce4<true>(Ms, sc);
+  float Lsp = 0.f;
+  for (int s = tid; s < nsv; s += 128) {
+    const float ms = a.mpart[pb + s * NREP + r];
+    const float wgt = ms == TQ_NEG_INF ? 0.f : exp2f(ms - Ms);
+    wts[s] = wgt;
+    Lsp += wgt * a.lpart[pb + s * NREP + r];
+  }
+  Lsp = block_reduce4<false>(Lsp, sc);  // its barriers also publish wts
+  for (int j = tid; j < P; j += 128) {
+    const float* op = a.opart + (pb + r) * P + j;
+    const i64 st = (i64)NREP * P;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int s = 0;
+    for (; s + 8 <= nsv; s += 8) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[s + u], op[(s + u) * st], acc[u]);
+    }
+    for (; s < nsv; ++s) acc[0] = fmaf(wts[s], op[s * st], acc[0]);
+    red[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+  __syncthreads();
+  // inverse rotation: for round 1, 0: FWHT then signs; then * 1/P
+  if (nsv > 0) {
+    for (int round = 1; round >= 0; --round) {
+      for (int lh = 0; (1 << lh) < P; ++lh) {
+        const int hh = 1 << lh;
+        for (int i = tid; i < P / 2; i += 128) {
+          const int j = ((i >> lh) << (lh + 1)) + (i & (hh - 1));
+          const float x = red[j], y = red[j + hh];
+          red[j] = x + y;
+          red[j + hh] = x - y;
+        }
+        __syncthreads();
+      }
+      for (int i = tid; i < P; i += 128) red[i] *= __ldg(a.vsigns + round * P + i) * (round == 0 ? 1.0f / P : 1.0f);
+      __syncthreads();
+    }
+  }
+  if (stage) cp_wait<0>();
+  __syncthreads();
+
+  // 2. window scores (exact, original space): TU tokens per warp at a time,
+  // lanes over the dims, one warp sum per token at the end
   for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
     const WTT* kr[TU];
     float part[TU];
@@ -1003,60 +1080,22 @@ __global__ void __launch_bounds__(128) tq_reduce(
   }
   __syncthreads();
 
-  // 2. one softmax over the splits' maxima and the window scores
-  const i64 pb = bh * a.splits * NREP;
-  float M = TQ_NEG_INF;
-  for (int s = tid; s < nsv; s += 128) M = fmaxf(M, a.mpart[pb + s * NREP + r]);
-  for (int w = tid; w < nw; w += 128) M = fmaxf(M, sw[w]);
-  M = block_reduce4<true>(M, sc);
-  float Ls = 0.f;
-  for (int s = tid; s < nsv; s += 128) {
-    const float ms = a.mpart[pb + s * NREP + r];
-    const float wgt = (M == TQ_NEG_INF || ms == TQ_NEG_INF) ? 0.f : exp2f(ms - M);
-    wts[s] = wgt;
-    Ls += wgt * a.lpart[pb + s * NREP + r];
-  }
+  // 3. one softmax over the splits (max Ms) and the window
+  float Mw = TQ_NEG_INF;
+  for (int w = tid; w < nw; w += 128) Mw = fmaxf(Mw, sw[w]);
+  Mw = block_reduce4<true>(Mw, sc);
+  const float M = fmaxf(Ms, Mw);
+  float Lw = 0.f;
   for (int w = tid; w < nw; w += 128) {
     const float p = M == TQ_NEG_INF ? 0.f : exp2f(sw[w] - M);
     sw[w] = p;
-    Ls += p;
+    Lw += p;
   }
-  Ls = block_reduce4<false>(Ls, sc);  // its barriers also publish wts and sw
+  Lw = block_reduce4<false>(Lw, sc);  // its barriers also publish sw
+  const float alpha = Ms == TQ_NEG_INF ? 0.f : exp2f(Ms - M);
+  const float Ls = alpha * Lsp + Lw;
 
-  // 3. merge the split partials (rotated space), 8 loads in flight per thread
-  for (int j = tid; j < P; j += 128) {
-    const float* op = a.opart + (pb + r) * P + j;
-    const i64 st = (i64)NREP * P;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int s = 0;
-    for (; s + 8 <= nsv; s += 8) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[s + u], op[(s + u) * st], acc[u]);
-    }
-    for (; s < nsv; ++s) acc[0] = fmaf(wts[s], op[s * st], acc[0]);
-    red[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  }
-  __syncthreads();
-
-  // 4. inverse rotation: for round 1, 0: FWHT then signs; then * 1/P
-  if (nsv > 0) {
-    for (int round = 1; round >= 0; --round) {
-      for (int lh = 0; (1 << lh) < P; ++lh) {
-        const int hh = 1 << lh;
-        for (int i = tid; i < P / 2; i += 128) {
-          const int j = ((i >> lh) << (lh + 1)) + (i & (hh - 1));
-          const float x = red[j], y = red[j + hh];
-          red[j] = x + y;
-          red[j + hh] = x - y;
-        }
-        __syncthreads();
-      }
-      for (int i = tid; i < P; i += 128) red[i] *= __ldg(a.vsigns + round * P + i) * (round == 0 ? 1.0f / P : 1.0f);
-      __syncthreads();
-    }
-  }
-
-  // 5. window values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i
+  // 4. window values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i
   float accv[NDI];
 #pragma unroll
   for (int i = 0; i < NDI; ++i) accv[i] = 0.f;
@@ -1077,11 +1116,11 @@ __global__ void __launch_bounds__(128) tq_reduce(
   }
   __syncthreads();
 
-  // 6. normalize and write
+  // 5. normalize and write
   OTT* out = (OTT*)a.out + b * a.sob + (i64)hq * a.soh;
   const float linv = Ls > 0.f ? 1.f / Ls : 0.f;
   for (int d = tid; d < a.D; d += 128) {
     const float win = (wsum[d] + wsum[a.D + d]) + (wsum[2 * a.D + d] + wsum[3 * a.D + d]);
-    out[d] = Ty<OT>::cvt((red[d] + win) * linv);
+    out[d] = Ty<OT>::cvt((alpha * red[d] + win) * linv);
   }
 }
