@@ -36,7 +36,7 @@ def test_layer_nbytes_and_max_context():
     n = L.layer_nbytes(2, 8, 128, 4, 4, capacity=1000, window=128)
     rows = L.compressed_rows(1000, 128)
     assert rows % 64 == 0 and rows >= 872
-    assert n == 2 * rows * 8 * 132 + 2 * 2 * 8 * 128 * 128 * 2 + 8
+    assert n == 2 * rows * 8 * 132 + 2 * 2 * 8 * 128 * 128 * 2 + 8 + 4 * 2 * 8
     # bf16: 80 GB / (32 layers * 4096 B) tokens
     assert L.max_context(80 * 10**9, num_layers=32, num_kv_heads=8, head_dim=128,
                          key_bits=None, value_bits=None) == 80 * 10**9 // (32 * 4096)
@@ -339,20 +339,21 @@ def test_decode_bf16_query_and_output():
     assert float((out[:, :, 0].float() - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_reduce_staging_plan():
-    """tq_reduce stages the window only when rows are 16-byte multiples and it fits."""
-    from tq.cuda.layout import REDUCE_STAGE_MAX, reduce_smem_bytes, reduce_stage
+def test_split_smem_plan():
+    """The window block stages K/V only where the main loop's shared memory already covers it."""
+    from tq.cuda.layout import finish_smem_bytes, mma_smem_bytes, split_smem_plan, window_smem_bytes
 
-    assert reduce_stage(128, 128, 2)                 # bf16 window, 64 KiB
-    assert not reduce_stage(128, 128, 4)             # float32 window: 128 KiB > the cap
-    assert not reduce_stage(33, 128, 2)              # 66-byte rows: no 16-byte copies
-    assert not reduce_stage(128, 0, 2)               # no window
-    staged = reduce_smem_bytes(128, 4, 128, 128, 40, 2)
-    plain = reduce_smem_bytes(128, 4, 128, 128, 40, 4)
-    assert staged - 2 * 128 * 128 * 2 >= 4 * (128 + 5 * 128 + 128 + 40 + 4)
-    assert plain == 4 * (128 + 5 * 128 + 128 + 40 + 4)
-    for d in (33, 64, 80, 96, 128, 256):
-        for w in (0, 1, 64, 128, 1024):
-            for wb in (2, 4):
-                p = 1 << (d - 1).bit_length()
-                assert reduce_smem_bytes(p, 4, d, w, 1024, wb) <= 4 * (p + 5 * d + w + 1024 + 4) + 16 + REDUCE_STAGE_MAX
+    base = mma_smem_bytes(128, 4, 4, 4)                       # about 72 KiB
+    need, stage = split_smem_plan(base, 128, 4, 128, 128, 40, 2)
+    assert stage and need == base                             # bf16 window: staged for free
+    need, stage = split_smem_plan(base, 128, 4, 128, 128, 40, 4)
+    assert not stage and need == base                         # float32 window: read from L2
+    need, stage = split_smem_plan(base, 128, 4, 33, 128, 40, 2)
+    assert not stage                                          # 66-byte rows: no 16-byte copies
+    need, stage = split_smem_plan(1024, 128, 4, 128, 0, 40, 2)
+    assert not stage and need >= max(window_smem_bytes(4, 128, 0, 2, False), finish_smem_bytes(128, 4, 40))
+    # the last block's merge scratch grows with the splits
+    need, _ = split_smem_plan(base, 256, 16, 256, 128, 1024, 2)
+    assert need >= finish_smem_bytes(256, 16, 1024) == 4 * (16 * 256 + 1024 * 16 + 32)
+    assert window_smem_bytes(4, 128, 128, 2, True) == 4 * 4 * 256 + 2 * 128 * 128 * 2
+    assert window_smem_bytes(4, 128, 8, 2, True) == 4 * 4 * 136 + 16 * 4 * 128 + 8 * 128 * 2

@@ -2,7 +2,7 @@
 
 CuPy and torch are imported lazily: importing this module needs neither.
 One NVRTC module per (P, key bits, value bits, n_rep, dtypes) holds the store,
-split and reduce kernels of that configuration; modules are cached per process.
+split kernels of that configuration; modules are cached per process.
 """
 from __future__ import annotations
 
@@ -44,12 +44,11 @@ class Module:
         if kind == "store":
             self.names = {"store": f"tq_store<{p},{kb},{vb},{wt}>"}
         elif kind == "decode_v1":  # first version: byte-permute look-ups (kept for the notes)
-            self.names = {"mma_v1": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},0>" if nrep <= 16 else None}
+            self.names = {"mma_v1": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},0,{wt},{ot}>" if nrep <= 16 else None}
         else:
             self.names = {
-                "mma": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},1>" if nrep <= 16 else None,
-                "fma": f"tq_split_fma<{p},{kb},{vb},{nrep},{qt}>",
-                "reduce": f"tq_reduce<{p},{nrep},{qt},{wt},{ot}>",
+                "mma": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},1,{wt},{ot}>" if nrep <= 16 else None,
+                "fma": f"tq_split_fma<{p},{kb},{vb},{nrep},{qt},{wt},{ot}>",
             }
         exprs = [n for n in self.names.values() if n]
         # TQ_DECODE_DEFINES="-DNAME=VALUE ...": compile-time variants for benchmarks only

@@ -12,7 +12,7 @@ import numpy as np
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
                      lut_words, mma_smem_bytes, padded_dim, plan_splits, quantizer_config,
-                     reduce_smem_bytes, reduce_stage)
+                     split_smem_plan)
 
 LOG2E = 1.4426950408889634
 
@@ -90,6 +90,8 @@ class PackedKVLayer:
         self.vwin = torch.zeros(bh + (w, self.head_dim), dtype=self.dtype, device=dev)
         #: tokens per sequence, on the device (read by the kernels; graph-safe)
         self.lengths = torch.zeros(self.batch, dtype=torch.int32, device=dev)
+        #: arrivals per (sequence, kv head) during a decode launch; the last block resets it
+        self._counters = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
         self._plans: dict = {}
@@ -321,41 +323,34 @@ class PackedKVLayer:
         mod = self._module("decode", nrep, qt, ot)
         H, P = self.num_kv_heads, self.p
         npart = self.batch * H * max(splits, 1) * nrep
-        ws = self._workspace(npart * (P + 2))
+        ws = self._workspace(npart * (P + 2) + self.batch * H * nrep * (self.head_dim + 2))
         opart = ws.data_ptr()
         mpart = opart + 4 * npart * P
         lpart = mpart + 4 * npart
+        wpart = lpart + 4 * npart
         qs0, qs1 = q.stride(0), q.stride(1)
         qptr, optr = q.data_ptr(), out.data_ptr()
-        if splits > 0:
-            which = impl
-            smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
+        so0, so1 = out.stride(0), out.stride(1)
+        which = impl
+        smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
+        base = (mma_smem_bytes(P, self.key_bits, self.value_bits, nrep, lut=(which == "mma"))
+                if which in ("mma", "mma_v1") else fma_smem_bytes(P, self.key_bits, self.value_bits, nrep))
+        smem, stage = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits,
+                                      self.kwin.element_size())
 
-            def sargs():
-                return (B.ptr(q), B.i64(qs0), B.i64(qs1), B.ptr(self.kcodes),
-                        B.ptr(self.knorms), B.ptr(self.vcodes), B.ptr(self.vnorms), B.ptr(self.lengths),
-                        B.ptr(self._ksigns), B.ptr(self._ktab), B.ptr(self._vtab), B.ptr(self._kcents),
-                        B.ptr(self._vcents), np.uint64(opart), np.uint64(mpart), np.uint64(lpart),
-                        B.i64(self.rows), B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
-                        B.i32(splits), qscale)
-            smem = (mma_smem_bytes(P, self.key_bits, self.value_bits, nrep, lut=(which == "mma"))
-                    if which in ("mma", "mma_v1") else fma_smem_bytes(P, self.key_bits, self.value_bits, nrep))
-            self._launch(smod, which, (splits, H, self.batch), (128,), sargs, smem,
-                         key=(which, nrep, qt, splits, chunk),
-                         updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
-                                  (22, float(qscale))))
-
-        def rargs():
-            return (B.ptr(q), B.i64(qs0), B.i64(qs1), np.uint64(opart), np.uint64(mpart),
-                    np.uint64(lpart), B.ptr(self.lengths), B.ptr(self.kwin), B.ptr(self.vwin),
-                    B.ptr(self._vsigns), B.ptr(out), B.i64(out.stride(0)), B.i64(out.stride(1)),
-                    B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
-                    B.i32(max(splits, 1)), qscale, B.i32(stage))
-        wb = self.kwin.element_size()
-        stage = int(reduce_stage(self.head_dim, self.window, wb))
-        smem = reduce_smem_bytes(P, nrep, self.head_dim, self.window, splits, wb)
-        self._launch(mod, "reduce", (H, self.batch, nrep), (128,), rargs, smem,
-                     key=("reduce", nrep, qt, ot, splits, chunk),
-                     updates=((0, qptr), (1, qs0), (2, qs1), (3, opart), (4, mpart), (5, lpart),
-                              (10, optr), (11, out.stride(0)), (12, out.stride(1)), (18, float(qscale))))
+        def sargs():
+            return (B.ptr(q), B.i64(qs0), B.i64(qs1), B.ptr(self.kcodes),
+                    B.ptr(self.knorms), B.ptr(self.vcodes), B.ptr(self.vnorms), B.ptr(self.lengths),
+                    B.ptr(self._ksigns), B.ptr(self._ktab), B.ptr(self._vtab), B.ptr(self._kcents),
+                    B.ptr(self._vcents), np.uint64(opart), np.uint64(mpart), np.uint64(lpart),
+                    B.i64(self.rows), B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
+                    B.i32(splits), qscale, B.ptr(self._counters), np.uint64(wpart), B.ptr(self.kwin),
+                    B.ptr(self.vwin), B.ptr(self._vsigns), B.ptr(out), B.i64(so0), B.i64(so1),
+                    B.i32(int(stage)))
+        # grid x: the splits, then the window block; the last block of each (kv head,
+        # sequence) to finish writes the output (tq/kernels/decode.cu)
+        self._launch(smod, which, (splits + 1, H, self.batch), (128,), sargs, smem,
+                     key=(which, nrep, qt, ot, splits, chunk),
+                     updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
+                              (22, float(qscale)), (24, wpart), (28, optr), (29, so0), (30, so1)))
         return out[:, :, None] if squeeze else out

@@ -13,7 +13,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "reduce_smem_bytes", "reduce_stage", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -59,11 +59,12 @@ def compressed_rows(capacity: int, window: int) -> int:
 
 def layer_nbytes(batch: int, num_kv_heads: int, head_dim: int, key_bits: int, value_bits: int,
                  capacity: int, window: int, dtype_bytes: int = 2) -> int:
-    """Device bytes a PackedKVLayer allocates (storage, window, lengths; no workspace)."""
+    """Device bytes a PackedKVLayer allocates (storage, window, lengths and the
+    per-(sequence, kv head) arrival counters of the decode launch; no workspace)."""
     rows = compressed_rows(capacity, window)
     comp = batch * rows * bytes_per_token(head_dim, key_bits, value_bits, num_kv_heads)
     win = 2 * batch * num_kv_heads * max(window, 1) * head_dim * dtype_bytes
-    return comp + win + 4 * batch
+    return comp + win + 4 * batch + 4 * batch * num_kv_heads
 
 
 def max_context(free_bytes: int, *, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -120,24 +121,35 @@ def fma_smem_bytes(p: int, kb: int, vb: int, nrep: int) -> int:
     return 4 * floats + 4 * (tile * (p * vb // 32) + 1)
 
 
-#: most shared memory tq_reduce uses to stage the full-precision window (K and V)
-REDUCE_STAGE_MAX = 96 * 1024
+def window_smem_bytes(nrep: int, head_dim: int, window: int, dtype_bytes: int, stage: bool) -> int:
+    """The window block of the split grid (tq/kernels/decode.cu, window_partial):
+    scaled queries [NREP][D] and weights [NREP][W] (float32), then a 16-byte aligned
+    region for the per-warp value sums [4][min(NREP, 4)][D] (float32), which holds the
+    staged K rows first when ``stage``, then the staged V rows."""
+    off = -(-(4 * nrep * (head_dim + window)) // 16) * 16
+    sums = 16 * min(nrep, 4) * head_dim
+    if not stage:
+        return off + sums
+    rows = window * head_dim * dtype_bytes
+    return off + -(-max(rows, sums) // 16) * 16 + rows
 
 
-def reduce_stage(head_dim: int, window: int, dtype_bytes: int) -> bool:
-    """Whether tq_reduce copies the window to shared memory (cp.async, 16-byte rows)."""
-    return window > 0 and (head_dim * dtype_bytes) % 16 == 0 and 2 * window * head_dim * dtype_bytes <= REDUCE_STAGE_MAX
+def finish_smem_bytes(p: int, nrep: int, splits: int) -> int:
+    """The last block of a (kv head, sequence): merged sums [NREP][P], split weights
+    [splits][NREP], window scale and 1/L [NREP] each (float32)."""
+    return 4 * (nrep * p + max(splits, 1) * nrep + 2 * nrep)
 
 
-def reduce_smem_bytes(p: int, nrep: int, head_dim: int, window: int, splits: int, dtype_bytes: int = 2) -> int:
-    """tq_reduce (one block per query head): merged sum [P], query [D], per-warp
-    window sums [4][D], window weights [W], split weights [splits], scratch [4]
-    (float32), then the staged window K and V when :func:`reduce_stage`.
-    ``nrep`` is kept for the call sites; the block no longer depends on it."""
-    base = 4 * (p + 5 * head_dim + window + max(splits, 1) + 4)
-    if reduce_stage(head_dim, window, dtype_bytes):
-        base = -(-base // 16) * 16 + 2 * window * head_dim * dtype_bytes
-    return base
+def split_smem_plan(base: int, p: int, nrep: int, head_dim: int, window: int, splits: int,
+                    dtype_bytes: int) -> tuple[int, bool]:
+    """(dynamic shared memory, stage the window?) for a split launch whose main loop
+    needs ``base`` bytes: the window is staged (16-byte copies) only when that fits
+    in what the main loop already takes, so staging never costs occupancy."""
+    stage = (window > 0 and (head_dim * dtype_bytes) % 16 == 0
+             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= base)
+    need = max(base, window_smem_bytes(nrep, head_dim, window, dtype_bytes, stage),
+               finish_smem_bytes(p, nrep, splits))
+    return need, stage
 
 
 def lut_words(centroids: np.ndarray, bits: int) -> np.ndarray:

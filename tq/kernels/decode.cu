@@ -16,9 +16,10 @@
 //   tq_split_mma / tq_split_fma : flash-decoding over the compressed tokens,
 //                one block per (split, kv head, sequence), partial softmax
 //                state per query head of the group, values accumulated in the
-//                rotated space.
-//   tq_reduce  : merges the partials and the full-precision window in one
-//                softmax, rotates the value sum back once, writes the output.
+//                rotated space; one more block per (kv head, sequence) attends
+//                over the full-precision window.  The last block of each
+//                (kv head, sequence) to finish merges everything, rotates the
+//                value sum back once and writes the output (one launch).
 
 // ---------------------------------------------------------------- dtypes
 // 0 = float32, 1 = float16, 2 = bfloat16
@@ -336,7 +337,24 @@ struct SplitArgs {
   i64 cap;
   int H, D, W, chunk, splits;
   float qscale;                              // softmax scale * log2(e)
+  // finishing (see "Window block and finish" below)
+  int* counters;                             // [B, H] arrivals, zero between calls
+  float* wpart;                              // [B, H, NREP, D + 2] window partial (o, m, l)
+  const void* kwin; const void* vwin;        // [B, H, W, D] full-precision ring buffers
+  const float* vsigns;                       // (2, P) value rotation signs
+  void* out; i64 sob, soh;                   // [B, Hq, D] output (element strides)
+  int stage;                                 // 1: the window block stages K/V in shared memory
 };
+#define TQ_SPLIT_PARAMS                                                                          \
+  const void *q, i64 sqb, i64 sqh, const u8 *kcodes, const u16 *knorms, const u8 *vcodes,         \
+      const u16 *vnorms, const int *lengths, const float *ksigns, const u32 *ktab_, const u32 *vtab_, \
+      const float *kcents, const float *vcents, float *opart, float *mpart, float *lpart, i64 cap, \
+      int H, int D, int W, int chunk, int splits, float qscale, int *counters, float *wpart,       \
+      const void *kwin, const void *vwin, const float *vsigns, void *out, i64 sob, i64 soh, int stage
+#define TQ_SPLIT_ARGS                                                                            \
+  {q, sqb, sqh, kcodes, knorms, vcodes, vnorms, lengths, ksigns, ktab_, vtab_, kcents, vcents,   \
+   opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale, counters, wpart, kwin, vwin, vsigns, \
+   out, sob, soh, stage}
 
 // q of the group -> smem qs[NREP][P], rotated (pad, signs, FWHT twice, 1/P)
 // and scaled by qscale.  Block-wide; ends with a barrier.
@@ -369,7 +387,11 @@ TQ_D void rotate_queries(const SplitArgs& a, float* qs, int b, int h) {
 
 // ---------------------------------------------------------------- mma path
 #ifndef TQ_KCHAINS
-#define TQ_KCHAINS 2
+#define TQ_KCHAINS 1
+#endif
+// resident blocks per SM the split kernel is compiled for (caps registers at 65536 / (128 * n))
+#ifndef TQ_MMA_MINB
+#define TQ_MMA_MINB 3
 #endif
 TQ_D void mma16816(float (&c)[4], const uint4& a, u32 b0, u32 b1) {
   asm volatile(
@@ -387,6 +409,244 @@ TQ_D void cp_async16(void* dst, const void* src) {
 }
 TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// ======================================================================
+// Window block and finish.  The split grid has one more block per (kv head,
+// sequence), x = splits, which attends over the full-precision window in the
+// original space and stores o = sum p v, m and l per query head (wpart).
+// Every block that wrote a partial then arrives on the (b, h) counter; the
+// last to arrive merges the split partials (rotated space), rotates the value
+// sum back once, adds the window partial, normalizes and writes the output,
+// and resets the counter.  One launch per decode step, no reduce kernel.
+// ======================================================================
+// Shared memory (layout.window_smem_bytes): qo [NREP][D] | sw [NREP][W] | (16-aligned) region R:
+// staged K [W][D] while scoring, then the per-warp value sums [4][min(NREP, 4)][D] | staged V [W][D]
+// (R and V only when a.stage; otherwise R holds the value sums alone)
+template <int P, int NREP, int DT, int WT>
+TQ_D void window_partial(const SplitArgs& a, int b, int h) {
+  typedef typename Ty<DT>::raw QT;
+  typedef typename Ty<WT>::raw WTT;
+  constexpr int RG = NREP < 4 ? NREP : 4;  // heads per pass (register budget)
+  constexpr int TU = 8;                    // tokens per warp and round (scores)
+  constexpr int NDI = P / 32;              // dims per lane (values); D <= P
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int L = a.lengths[b], nc = max(0, L - a.W), nw = L - nc;  // window = slots [0, nw)
+  const i64 bh = (i64)b * a.H + h;
+  float* qo = reinterpret_cast<float*>(tq_smem);
+  float* sw = qo + NREP * a.D;
+  const int off_r = (4 * NREP * (a.D + a.W) + 15) & ~15;
+  const int kreg = (max(a.W * a.D * (int)sizeof(WTT), 16 * RG * a.D) + 15) & ~15;
+  float* red = reinterpret_cast<float*>(tq_smem + off_r);
+  const WTT* kw = (const WTT*)a.kwin + bh * a.W * a.D;
+  const WTT* vw = (const WTT*)a.vwin + bh * a.W * a.D;
+  if (a.stage) {
+    WTT* kst = reinterpret_cast<WTT*>(tq_smem + off_r);
+    WTT* vst = reinterpret_cast<WTT*>(tq_smem + off_r + kreg);
+    const int n16 = nw * a.D * (int)sizeof(WTT) / 16;
+    for (int i = tid; i < n16; i += 128) {
+      cp_async16(reinterpret_cast<u8*>(kst) + 16 * i, reinterpret_cast<const u8*>(kw) + 16 * i);
+      cp_async16(reinterpret_cast<u8*>(vst) + 16 * i, reinterpret_cast<const u8*>(vw) + 16 * i);
+    }
+    cp_commit();
+    kw = kst;
+    vw = vst;
+  }
+  const QT* q = (const QT*)a.q + b * a.sqb + (i64)h * NREP * a.sqh;
+  for (int i = tid; i < NREP * a.D; i += 128) {
+    const int r = i / a.D, d = i - r * a.D;
+    qo[i] = Ty<DT>::ld(q + r * a.sqh + d) * a.qscale;
+  }
+  if (a.stage) cp_wait<0>();
+  __syncthreads();
+  // scores: TU tokens per warp and round, lanes over the dims, RG heads at a time
+  for (int r0 = 0; r0 < NREP; r0 += RG) {
+    for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
+      const WTT* kr[TU];
+      float part[RG][TU];
+#pragma unroll
+      for (int u = 0; u < TU; ++u) {
+        kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
+#pragma unroll
+        for (int g = 0; g < RG; ++g) part[g][u] = 0.f;
+      }
+      for (int d = lane; d < a.D; d += 32) {
+        float kv[TU];
+#pragma unroll
+        for (int u = 0; u < TU; ++u) kv[u] = Ty<WT>::ld(kr[u] + d);
+#pragma unroll
+        for (int g = 0; g < RG; ++g) {
+          const float qd = qo[(r0 + g) * a.D + d];
+#pragma unroll
+          for (int u = 0; u < TU; ++u) part[g][u] = fmaf(qd, kv[u], part[g][u]);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < RG; ++g)
+#pragma unroll
+        for (int u = 0; u < TU; ++u) {
+          const float v = warp_sum(part[g][u]);
+          if (lane == u && t0 + u < nw) sw[(r0 + g) * a.W + t0 + u] = v;
+        }
+    }
+  }
+  __syncthreads();
+  // per-head max and weights
+  float* wp = a.wpart + bh * NREP * (a.D + 2);
+  for (int r = warp; r < NREP; r += 4) {
+    float m = TQ_NEG_INF;
+    for (int w = lane; w < nw; w += 32) m = fmaxf(m, sw[r * a.W + w]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int w = lane; w < nw; w += 32) {
+      const float p = exp2f(sw[r * a.W + w] - m);
+      sw[r * a.W + w] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) { wp[r * (a.D + 2) + a.D] = m; wp[r * (a.D + 2) + a.D + 1] = l; }
+  }
+  __syncthreads();
+  // values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i; RG heads at a time
+  for (int r0 = 0; r0 < NREP; r0 += RG) {
+    float acc[RG][NDI];
+#pragma unroll
+    for (int g = 0; g < RG; ++g)
+#pragma unroll
+      for (int i = 0; i < NDI; ++i) acc[g][i] = 0.f;
+#pragma unroll 2
+    for (int w = warp; w < nw; w += 4) {
+      const WTT* vr = vw + (i64)((nc + w) % a.W) * a.D;
+      float vv[NDI];
+#pragma unroll
+      for (int i = 0; i < NDI; ++i) vv[i] = lane + 32 * i < a.D ? Ty<WT>::ld(vr + lane + 32 * i) : 0.f;
+#pragma unroll
+      for (int g = 0; g < RG; ++g) {
+        const float p = sw[(r0 + g) * a.W + w];
+#pragma unroll
+        for (int i = 0; i < NDI; ++i) acc[g][i] = fmaf(p, vv[i], acc[g][i]);
+      }
+    }
+    __syncthreads();  // previous pass's readers of red are done
+#pragma unroll
+    for (int g = 0; g < RG; ++g)
+#pragma unroll
+      for (int i = 0; i < NDI; ++i)
+        if (lane + 32 * i < a.D) red[(warp * RG + g) * a.D + lane + 32 * i] = acc[g][i];
+    __syncthreads();
+    for (int i = tid; i < RG * a.D; i += 128) {
+      const int g = i / a.D, d = i - g * a.D;
+      const float v = (red[g * a.D + d] + red[(RG + g) * a.D + d]) + (red[(2 * RG + g) * a.D + d] + red[(3 * RG + g) * a.D + d]);
+      wp[(r0 + g) * (a.D + 2) + d] = v;
+    }
+  }
+}
+
+// Count this block's arrival for (b, h); true for the last of `expected` blocks.
+TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
+  __shared__ int last;
+  __threadfence();  // this thread's partial stores are visible device-wide ...
+  __syncthreads();  // ... for every thread of the block, before the arrival is counted
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(a.counters + (i64)b * a.H + h, 1);
+    last = prev == expected - 1;
+    if (last) {
+      __threadfence();                          // the other blocks' partials are read after this
+      a.counters[(i64)b * a.H + h] = 0;         // every block has arrived: ready for the next call
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
+// Shared memory: red [NREP][P] | wts [splits][NREP] | scale [NREP] | linv [NREP].
+// Partials written by other blocks are read with ld.global.cg (L2, never a stale L1 line).
+template <int P, int NREP, int OT>
+TQ_D void finish(const SplitArgs& a, int b, int h) {
+  typedef typename Ty<OT>::raw OTT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int L = a.lengths[b], nc = max(0, L - a.W);
+  const int nsv = (nc + a.chunk - 1) / a.chunk;
+  const i64 bh = (i64)b * a.H + h;
+  const i64 pb = bh * a.splits * NREP;
+  float* red = reinterpret_cast<float*>(tq_smem);
+  float* wts = red + NREP * P;
+  float* wsc = wts + max(a.splits, 1) * NREP;
+  float* linv = wsc + NREP;
+  const float* wp = a.wpart + bh * NREP * (a.D + 2);
+  for (int r = warp; r < NREP; r += 4) {
+    const float mw = __ldcg(wp + r * (a.D + 2) + a.D);
+    float M = mw;
+    for (int s = lane; s < nsv; s += 32) M = fmaxf(M, __ldcg(a.mpart + pb + s * NREP + r));
+    M = warp_max(M);
+    float Ls = 0.f;
+    for (int s = lane; s < nsv; s += 32) {
+      const float ms = __ldcg(a.mpart + pb + s * NREP + r);
+      const float w = ms == TQ_NEG_INF ? 0.f : exp2f(ms - M);
+      wts[s * NREP + r] = w;
+      Ls += w * __ldcg(a.lpart + pb + s * NREP + r);
+    }
+    Ls = warp_sum(Ls);
+    const float aw = mw == TQ_NEG_INF ? 0.f : exp2f(mw - M);
+    Ls += aw * __ldcg(wp + r * (a.D + 2) + a.D + 1);
+    if (lane == 0) { wsc[r] = aw; linv[r] = Ls > 0.f ? 1.f / Ls : 0.f; }
+  }
+  __syncthreads();
+  // merge the split partials, 8 loads in flight per thread
+  const i64 st = (i64)NREP * P;
+  for (int i = tid; i < NREP * P; i += 128) {
+    const int r = i / P;
+    const float* op = a.opart + pb * P + i;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int s = 0;
+    for (; s + 8 <= nsv; s += 8) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[(s + u) * NREP + r], __ldcg(op + (s + u) * st), acc[u]);
+    }
+    for (; s < nsv; ++s) acc[0] = fmaf(wts[s * NREP + r], __ldcg(op + s * st), acc[0]);
+    red[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+  __syncthreads();
+  if (nsv > 0) {  // inverse rotation of the NREP rows: for round 1, 0: FWHT then signs; then * 1/P
+    for (int round = 1; round >= 0; --round) {
+      for (int lh = 0; (1 << lh) < P; ++lh) {
+        const int hh = 1 << lh;
+        for (int i = tid; i < NREP * P / 2; i += 128) {
+          const int r = i / (P / 2), k = i - r * (P / 2);
+          const int j = r * P + ((k >> lh) << (lh + 1)) + (k & (hh - 1));
+          const float x = red[j], y = red[j + hh];
+          red[j] = x + y;
+          red[j + hh] = x - y;
+        }
+        __syncthreads();
+      }
+      for (int i = tid; i < NREP * P; i += 128)
+        red[i] *= __ldg(a.vsigns + round * P + (i & (P - 1))) * (round == 0 ? 1.0f / P : 1.0f);
+      __syncthreads();
+    }
+  }
+  OTT* out = (OTT*)a.out + b * a.sob + (i64)h * NREP * a.soh;
+  for (int i = tid; i < NREP * a.D; i += 128) {
+    const int r = i / a.D, d = i - r * a.D;
+    const float v = red[r * P + d] + wsc[r] * __ldcg(wp + r * (a.D + 2) + d);
+    out[r * a.soh + d] = Ty<OT>::cvt(v * linv[r]);
+  }
+}
+
+// The window block's whole job (x = splits), and the arrival of a split block.
+// Not inlined: kept out of the split kernels' main loop, whose register allocation
+// and instruction count it would otherwise disturb (the SASS loop grew by ~15%).
+template <int P, int NREP, int DT, int WT, int OT>
+__device__ __noinline__ void window_block(const SplitArgs& a, int b, int h) {
+  window_partial<P, NREP, DT, WT>(a, b, h);
+  const int nc = max(0, a.lengths[b] - a.W);
+  if (arrive_last(a, b, h, (nc + a.chunk - 1) / a.chunk + 1)) finish<P, NREP, OT>(a, b, h);
+}
+template <int P, int NREP, int OT>
+__device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
+  const int nc = max(0, a.lengths[b] - a.W);
+  if (arrive_last(a, b, h, (nc + a.chunk - 1) / a.chunk + 1)) finish<P, NREP, OT>(a, b, h);
+}
+
 
 // N bytes at p (aligned to the largest power of two <= 16 dividing N) -> words
 template <int N>
@@ -475,14 +735,9 @@ template <int B> struct LutSize { static constexpr int bytes = (1 << (2 * B)) * 
 // DSPLIT = 2 (P = 256): two warps share tiles, each owns half of the dims.
 // LUT = 1: centroid pairs from a bank-replicated shared-memory table (v2);
 // LUT = 0: byte-permute look-ups in registers (v1, integer-pipe bound).
-template <int P, int KB, int VB, int NREP, int DSPLIT, int DT, int LUT>
-__global__ void __launch_bounds__(128, 3) tq_split_mma(
-    const void* q, i64 sqb, i64 sqh, const u8* kcodes, const u16* knorms, const u8* vcodes,
-    const u16* vnorms, const int* lengths, const float* ksigns, const u32* ktab_, const u32* vtab_,
-    const float* kcents, const float* vcents, float* opart, float* mpart, float* lpart, i64 cap,
-    int H, int D, int W, int chunk, int splits, float qscale) {
-  const SplitArgs a = {q, sqb, sqh, kcodes, knorms, vcodes, vnorms, lengths, ksigns, ktab_, vtab_,
-                       kcents, vcents, opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale};
+template <int P, int KB, int VB, int NREP, int DSPLIT, int DT, int LUT, int WT, int OT>
+__global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS) {
+  const SplitArgs a = TQ_SPLIT_ARGS;
   constexpr int STAGES = 4;
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
   constexpr int TILE_BYTES = 16 * CK + 16 * CV + 64;
@@ -502,6 +757,10 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
   float* sm_l = sm_m + NG * 16;                                            // [NG][16]
 
   const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (s == a.splits) {
+    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    return;
+  }
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
@@ -510,31 +769,6 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
   const int g = lane >> 2, t = lane & 3;
   const int tg = warp / DSPLIT, dh = warp % DSPLIT;
   const u32 lane4 = (u32)lane * 4u;
-
-  if constexpr (LUT) {
-    build_lut<KB>(reinterpret_cast<u32*>(tq_smem), a.kcents);
-    if constexpr (VB != KB) build_lut<VB>(reinterpret_cast<u32*>(tq_smem + VLUT_OFF), a.vcents);
-  }
-  rotate_queries<P, NREP, DT>(a, qs, b, h);
-  for (int i = threadIdx.x; i < (P / 16) * 32; i += blockDim.x) {
-    const int c = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
-    const int j = tt * (P / 4) + 4 * c;
-    uint4 f;
-    f.x = gg < NREP ? pack_h2(qs[gg * P + j], qs[gg * P + j + 1]) : 0u;
-    f.y = gg + 8 < NREP ? pack_h2(qs[(gg + 8) * P + j], qs[(gg + 8) * P + j + 1]) : 0u;
-    f.z = gg < NREP ? pack_h2(qs[gg * P + j + 2], qs[gg * P + j + 3]) : 0u;
-    f.w = gg + 8 < NREP ? pack_h2(qs[(gg + 8) * P + j + 2], qs[(gg + 8) * P + j + 3]) : 0u;
-    qf[i] = f;
-  }
-  u32 ktab[4], vtab[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { ktab[i] = __ldg(a.ktab + i); vtab[i] = __ldg(a.vtab + i); }
-  __syncthreads();
-  uint4 qreg[QREG ? P / 16 : 1];
-  if constexpr (QREG) {
-#pragma unroll
-    for (int c = 0; c < P / 16; ++c) qreg[c] = qf[c * 32 + lane];
-  }
 
   const i64 bh = (i64)b * a.H + h;
   const u8* kc = a.kcodes + bh * a.cap * CK;
@@ -562,14 +796,41 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
     }
     cp_commit();
   };
+  // the first tiles are in flight while the look-up tables and the queries are prepared
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+
+  if constexpr (LUT) {
+    build_lut<KB>(reinterpret_cast<u32*>(tq_smem), a.kcents);
+    if constexpr (VB != KB) build_lut<VB>(reinterpret_cast<u32*>(tq_smem + VLUT_OFF), a.vcents);
+  }
+  rotate_queries<P, NREP, DT>(a, qs, b, h);
+  for (int i = threadIdx.x; i < (P / 16) * 32; i += blockDim.x) {
+    const int c = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
+    const int j = tt * (P / 4) + 4 * c;
+    uint4 f;
+    f.x = gg < NREP ? pack_h2(qs[gg * P + j], qs[gg * P + j + 1]) : 0u;
+    f.y = gg + 8 < NREP ? pack_h2(qs[(gg + 8) * P + j], qs[(gg + 8) * P + j + 1]) : 0u;
+    f.z = gg < NREP ? pack_h2(qs[gg * P + j + 2], qs[gg * P + j + 3]) : 0u;
+    f.w = gg + 8 < NREP ? pack_h2(qs[(gg + 8) * P + j + 2], qs[(gg + 8) * P + j + 3]) : 0u;
+    qf[i] = f;
+  }
+  u32 ktab[4], vtab[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { ktab[i] = __ldg(a.ktab + i); vtab[i] = __ldg(a.vtab + i); }
+  __syncthreads();
+  uint4 qreg[QREG ? P / 16 : 1];
+  if constexpr (QREG) {
+#pragma unroll
+    for (int c = 0; c < P / 16; ++c) qreg[c] = qf[c * 32 + lane];
+  }
+
 
   float acc[NJ][4];
 #pragma unroll
   for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   float m0 = TQ_NEG_INF, m1 = TQ_NEG_INF, l0 = 0.f, l1 = 0.f;
 
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
   for (int it = 0; it < mytiles; ++it) {
     cp_wait<STAGES - 2>();
     __syncwarp();
@@ -602,7 +863,7 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
         constexpr int c = decltype(ic)::value;
         uint4 qa;
         if constexpr (QREG) qa = qreg[c]; else qa = qf[c * 32 + lane];
-        if constexpr (NREP <= 8) { qa.y = 0u; qa.w = 0u; }
+        // (for NREP <= 8 the fragment registers .y/.w already hold zeros: rows g + 8 of qf)
 #pragma unroll
         for (int z = 0; z < 2; ++z) {
           u32 b0, b1;
@@ -793,20 +1054,16 @@ __global__ void __launch_bounds__(128, 3) tq_split_mma(
     a.mpart[ob + r] = M;
     a.lpart[ob + r] = Lsum;
   }
+  split_done<P, NREP, OT>(a, b, h);
 }
 
 // ---------------------------------------------------------------- fma path
 // Plain float32 split kernel (the precise path and the reference for the
 // mma kernel): 128 threads, 128-token tiles; scores one token per thread,
 // values one coordinate per thread.
-template <int P, int KB, int VB, int NREP, int DT>
-__global__ void __launch_bounds__(128) tq_split_fma(
-    const void* q, i64 sqb, i64 sqh, const u8* kcodes, const u16* knorms, const u8* vcodes,
-    const u16* vnorms, const int* lengths, const float* ksigns, const u32* ktab_, const u32* vtab_,
-    const float* kcents, const float* vcents, float* opart, float* mpart, float* lpart, i64 cap,
-    int H, int D, int W, int chunk, int splits, float qscale) {
-  const SplitArgs a = {q, sqb, sqh, kcodes, knorms, vcodes, vnorms, lengths, ksigns, ktab_, vtab_,
-                       kcents, vcents, opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale};
+template <int P, int KB, int VB, int NREP, int DT, int WT, int OT>
+__global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
+  const SplitArgs a = TQ_SPLIT_ARGS;
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
   constexpr int TILE = 128;
   constexpr int JU = (P + 127) / 128;
@@ -823,6 +1080,10 @@ __global__ void __launch_bounds__(128) tq_split_fma(
   u32* vt = reinterpret_cast<u32*>(cvs + 16);     // [TILE][CV/4] + 1
 
   const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (s == a.splits) {
+    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    return;
+  }
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
@@ -934,193 +1195,6 @@ __global__ void __launch_bounds__(128) tq_split_fma(
     }
   }
   if (tid < NREP) { a.mpart[ob + tid] = mrun[tid]; a.lpart[ob + tid] = lrun[tid]; }
+  split_done<P, NREP, OT>(a, b, h);
 }
 
-// ======================================================================
-// Reduce: grid (H, B, NREP), block 128: one block per query head.  Merges
-// the split partials (rotated space), rotates the value sum back, adds the
-// exact full-precision window and normalizes.  Every loop over tokens or
-// splits keeps several independent loads in flight: this kernel runs after
-// the split kernel, so its latency is paid in full on every decode step.
-// ======================================================================
-struct ReduceArgs {
-  const void* q; i64 sqb, sqh;
-  const float* opart; const float* mpart; const float* lpart;
-  const int* lengths;
-  const void* kwin; const void* vwin;
-  const float* vsigns;
-  void* out; i64 sob, soh;
-  int H, D, W, chunk, splits;
-  float qscale;
-};
-
-// max (IS_MAX) or sum of v over the 4 warps of a 128-thread block; sc: 4 floats
-template <bool IS_MAX>
-TQ_D float block_reduce4(float v, float* sc) {
-  v = IS_MAX ? warp_max(v) : warp_sum(v);
-  if ((threadIdx.x & 31) == 0) sc[threadIdx.x >> 5] = v;
-  __syncthreads();
-  const float r = IS_MAX ? fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3])) : (sc[0] + sc[1]) + (sc[2] + sc[3]);
-  __syncthreads();
-  return r;
-}
-
-template <int P, int NREP, int DT, int WT, int OT>
-__global__ void __launch_bounds__(128) tq_reduce(
-    const void* q_, i64 sqb, i64 sqh, const float* opart, const float* mpart, const float* lpart,
-    const int* lengths, const void* kwin, const void* vwin, const float* vsigns, void* out_,
-    i64 sob, i64 soh, int H, int D, int W, int chunk, int splits, float qscale, int stage) {
-  const ReduceArgs a = {q_, sqb, sqh, opart, mpart, lpart, lengths, kwin, vwin, vsigns, out_, sob,
-                        soh, H, D, W, chunk, splits, qscale};
-  typedef typename Ty<DT>::raw QT;
-  typedef typename Ty<WT>::raw WTT;
-  typedef typename Ty<OT>::raw OTT;
-  constexpr int TU = 8;          // window tokens per warp and round (scores)
-  constexpr int NDI = P / 32;    // dims per lane (window values); D <= P
-  float* red = reinterpret_cast<float*>(tq_smem);  // [P] merged value sum, rotated
-  float* qo = red + P;                             // [D] scaled query
-  float* wsum = qo + a.D;                          // [4][D] window value sums per warp
-  float* sw = wsum + 4 * a.D;                      // [W] window scores, then weights
-  float* wts = sw + a.W;                           // [splits] split weights
-  float* sc = wts + max(a.splits, 1);              // [4] block-reduction scratch
-  // [2][W][D] window staging (stage = 1), 16-byte aligned
-  WTT* kst = reinterpret_cast<WTT*>(tq_smem + ((4 * (P + 5 * a.D + a.W + max(a.splits, 1) + 4) + 15) & ~15));
-  WTT* vst = kst + a.W * a.D;
-  const int h = blockIdx.x, b = blockIdx.y, r = blockIdx.z, tid = threadIdx.x;
-  const int warp = tid >> 5, lane = tid & 31;
-  const int L = a.lengths[b];
-  const int nc = max(0, L - a.W);
-  const int nw = L - nc;  // the window occupies slots [0, nw): all W, or nc = 0
-  const int nsv = (nc + a.chunk - 1) / a.chunk;
-  const i64 bh = (i64)b * a.H + h;
-  const int hq = h * NREP + r;
-  const WTT* kw = (const WTT*)a.kwin + bh * a.W * a.D;
-  const WTT* vw = (const WTT*)a.vwin + bh * a.W * a.D;
-
-  // 0. start copying the window to shared memory; it lands while the splits merge
-  if (stage) {
-    const int n16 = nw * a.D * (int)sizeof(WTT) / 16;
-    for (int i = tid; i < n16; i += 128) {
-      cp_async16(reinterpret_cast<u8*>(kst) + 16 * i, reinterpret_cast<const u8*>(kw) + 16 * i);
-      cp_async16(reinterpret_cast<u8*>(vst) + 16 * i, reinterpret_cast<const u8*>(vw) + 16 * i);
-    }
-    cp_commit();
-    kw = kst;
-    vw = vst;
-  }
-  const QT* q = (const QT*)a.q + b * a.sqb + (i64)hq * a.sqh;
-  for (int d = tid; d < a.D; d += 128) qo[d] = Ty<DT>::ld(q + d) * a.qscale;
-
-  // 1. merge the split partials relative to their own max Ms (rotated space)
-  const i64 pb = bh * a.splits * NREP;
-  float Ms = TQ_NEG_INF;
-  for (int s = tid; s < nsv; s += 128) Ms = fmaxf(Ms, a.mpart[pb + s * NREP + r]);
-  Ms = block_reduce4<true>(Ms, sc);
-  float Lsp = 0.f;
-  for (int s = tid; s < nsv; s += 128) {
-    const float ms = a.mpart[pb + s * NREP + r];
-    const float wgt = ms == TQ_NEG_INF ? 0.f : exp2f(ms - Ms);
-    wts[s] = wgt;
-    Lsp += wgt * a.lpart[pb + s * NREP + r];
-  }
-  Lsp = block_reduce4<false>(Lsp, sc);  // its barriers also publish wts
-  for (int j = tid; j < P; j += 128) {
-    const float* op = a.opart + (pb + r) * P + j;
-    const i64 st = (i64)NREP * P;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int s = 0;
-    for (; s + 8 <= nsv; s += 8) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[s + u], op[(s + u) * st], acc[u]);
-    }
-    for (; s < nsv; ++s) acc[0] = fmaf(wts[s], op[s * st], acc[0]);
-    red[j] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  }
-  __syncthreads();
-  // inverse rotation: for round 1, 0: FWHT then signs; then * 1/P
-  if (nsv > 0) {
-    for (int round = 1; round >= 0; --round) {
-      for (int lh = 0; (1 << lh) < P; ++lh) {
-        const int hh = 1 << lh;
-        for (int i = tid; i < P / 2; i += 128) {
-          const int j = ((i >> lh) << (lh + 1)) + (i & (hh - 1));
-          const float x = red[j], y = red[j + hh];
-          red[j] = x + y;
-          red[j + hh] = x - y;
-        }
-        __syncthreads();
-      }
-      for (int i = tid; i < P; i += 128) red[i] *= __ldg(a.vsigns + round * P + i) * (round == 0 ? 1.0f / P : 1.0f);
-      __syncthreads();
-    }
-  }
-  if (stage) cp_wait<0>();
-  __syncthreads();
-
-  // 2. window scores (exact, original space): TU tokens per warp at a time,
-  // lanes over the dims, one warp sum per token at the end
-  for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
-    const WTT* kr[TU];
-    float part[TU];
-#pragma unroll
-    for (int u = 0; u < TU; ++u) {
-      kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
-      part[u] = 0.f;
-    }
-    for (int d = lane; d < a.D; d += 32) {
-      const float qd = qo[d];
-#pragma unroll
-      for (int u = 0; u < TU; ++u) part[u] = fmaf(qd, Ty<WT>::ld(kr[u] + d), part[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < TU; ++u) {
-      const float s = warp_sum(part[u]);
-      if (lane == u && t0 + u < nw) sw[t0 + u] = s;
-    }
-  }
-  __syncthreads();
-
-  // 3. one softmax over the splits (max Ms) and the window
-  float Mw = TQ_NEG_INF;
-  for (int w = tid; w < nw; w += 128) Mw = fmaxf(Mw, sw[w]);
-  Mw = block_reduce4<true>(Mw, sc);
-  const float M = fmaxf(Ms, Mw);
-  float Lw = 0.f;
-  for (int w = tid; w < nw; w += 128) {
-    const float p = M == TQ_NEG_INF ? 0.f : exp2f(sw[w] - M);
-    sw[w] = p;
-    Lw += p;
-  }
-  Lw = block_reduce4<false>(Lw, sc);  // its barriers also publish sw
-  const float alpha = Ms == TQ_NEG_INF ? 0.f : exp2f(Ms - M);
-  const float Ls = alpha * Lsp + Lw;
-
-  // 4. window values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i
-  float accv[NDI];
-#pragma unroll
-  for (int i = 0; i < NDI; ++i) accv[i] = 0.f;
-#pragma unroll 4
-  for (int w = warp; w < nw; w += 4) {
-    const float p = sw[w];
-    const WTT* vr = vw + (i64)((nc + w) % a.W) * a.D;
-#pragma unroll
-    for (int i = 0; i < NDI; ++i) {
-      const int d = lane + 32 * i;
-      if (d < a.D) accv[i] = fmaf(p, Ty<WT>::ld(vr + d), accv[i]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < NDI; ++i) {
-    const int d = lane + 32 * i;
-    if (d < a.D) wsum[warp * a.D + d] = accv[i];
-  }
-  __syncthreads();
-
-  // 5. normalize and write
-  OTT* out = (OTT*)a.out + b * a.sob + (i64)hq * a.soh;
-  const float linv = Ls > 0.f ? 1.f / Ls : 0.f;
-  for (int d = tid; d < a.D; d += 128) {
-    const float win = (wsum[d] + wsum[a.D + d]) + (wsum[2 * a.D + d] + wsum[3 * a.D + d]);
-    out[d] = Ty<OT>::cvt((alpha * red[d] + win) * linv);
-  }
-}
