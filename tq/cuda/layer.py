@@ -347,9 +347,10 @@ class PackedKVLayer:
                     B.i32(splits), qscale, B.ptr(self._counters), np.uint64(wpart), B.ptr(self.kwin),
                     B.ptr(self.vwin), B.ptr(self._vsigns), B.ptr(out), B.i64(so0), B.i64(so1),
                     B.i32(int(stage)))
-        # grid x: the splits, then the window block; the last block of each (kv head,
-        # sequence) to finish writes the output (tq/kernels/decode.cu)
-        self._launch(smod, which, (splits + 1, H, self.batch), (128,), sargs, smem,
+        # one-dimensional grid: the split blocks, then one window block per (kv head,
+        # sequence); the last block of each pair to finish writes the output
+        # (tq/kernels/decode.cu, split_role / arrive_last)
+        self._launch(smod, which, ((splits + 1) * H * self.batch,), (128,), sargs, smem,
                      key=(which, nrep, qt, ot, splits, chunk),
                      updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
                               (22, float(qscale)), (24, wpart), (28, optr), (29, so0), (30, so1)))

@@ -81,23 +81,41 @@ def max_context(free_bytes: int, *, num_layers: int, num_kv_heads: int, head_dim
 
 
 def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
-                blocks_per_sm: int = 3, min_chunk: int = 128, max_splits: int = 1024) -> tuple[int, int]:
+                blocks_per_sm: int = 3, min_chunk: int = 128, max_splits: int = 1024,
+                block_overhead_tokens: int = 256) -> tuple[int, int]:
     """(splits, chunk) for flash-decoding over ``nc_max`` compressed tokens.
 
-    Fill about one wave of resident blocks (``num_sms * blocks_per_sm``) when
-    batch * heads is small, never cut chunks below ``min_chunk`` tokens, keep
-    chunks a multiple of 64 (four warps of 16-token tiles).
+    Every (sequence, kv head) gets ``splits`` blocks of ``chunk`` tokens (a multiple
+    of 64: four warps of 16-token tiles, never below ``min_chunk`` unless one split
+    covers everything).  The choice minimizes the modelled time
+    ``waves * (chunk + block_overhead_tokens)``, where a wave is one round of
+    ``num_sms * blocks_per_sm`` resident blocks: one split per sequence and head
+    leaves most of the GPU idle when batch * heads is a little under one wave, and
+    a few splits more fill two full waves instead (e.g. 256 pairs on 396 slots:
+    three splits run 1.5x faster than one).  The window blocks of the launch are
+    short and scheduled last, so they are not counted.
     """
     if nc_max <= 0:
         return 0, ROW_ALIGN
-    slots = num_sms * blocks_per_sm
-    splits = max(1, slots // max(1, batch * num_kv_heads))
-    splits = min(splits, max(1, -(-nc_max // min_chunk)))
-    chunk = -(-nc_max // splits)
-    chunk = -(-chunk // ROW_ALIGN) * ROW_ALIGN
-    splits = -(-nc_max // chunk)
-    if splits > max_splits:
-        chunk = -(-(-(-nc_max // max_splits)) // ROW_ALIGN) * ROW_ALIGN
+    slots = max(1, num_sms * blocks_per_sm)
+    pairs = max(1, batch * num_kv_heads)
+
+    def chunk_for(sp):
+        c = -(-nc_max // sp)
+        return -(-c // ROW_ALIGN) * ROW_ALIGN
+
+    limit = max(1, min(max_splits, -(-nc_max // min_chunk), 4 * (-(-slots // pairs))))
+    best = None
+    for sp in range(1, limit + 1):
+        c = chunk_for(sp)
+        sp_eff = -(-nc_max // c)                       # splits that hold tokens
+        waves = -(-(sp_eff * pairs) // slots)
+        cost = (waves * (c + block_overhead_tokens), sp_eff)
+        if best is None or cost < best[0]:
+            best = (cost, sp_eff, c)
+    _, splits, chunk = best
+    if splits > max_splits:  # only when even max_splits chunks exceed min_chunk
+        chunk = chunk_for(max_splits)
         splits = -(-nc_max // chunk)
     return splits, chunk
 

@@ -541,6 +541,24 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
   }
 }
 
+// The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
+// fastest, then kv head, then sequence), the H * B after them the window blocks,
+// which the hardware then schedules last, behind the long split blocks.
+TQ_D bool split_role(const SplitArgs& a, int& s, int& h, int& b) {
+  const int id = blockIdx.x;
+  const int nsb = (int)(gridDim.x / (a.splits + 1)) * a.splits;  // gridDim.x = (splits + 1) * H * B
+  if (id < nsb) {
+    s = id % a.splits;
+    h = (id / a.splits) % a.H;
+    b = id / (a.splits * a.H);
+    return true;
+  }
+  s = a.splits;
+  h = (id - nsb) % a.H;
+  b = (id - nsb) / a.H;
+  return false;
+}
+
 // Count this block's arrival for (b, h); true for the last of `expected` blocks.
 TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
   __shared__ int last;
@@ -756,8 +774,8 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   float* sm_m = qs + NREP * P;                                             // [NG][16]
   float* sm_l = sm_m + NG * 16;                                            // [NG][16]
 
-  const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  if (s == a.splits) {
+  int s, h, b;
+  if (!split_role(a, s, h, b)) {
     window_block<P, NREP, DT, WT, OT>(a, b, h);
     return;
   }
@@ -1079,8 +1097,8 @@ __global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
   float* cvs = cks + 16;                          // [16]
   u32* vt = reinterpret_cast<u32*>(cvs + 16);     // [TILE][CV/4] + 1
 
-  const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  if (s == a.splits) {
+  int s, h, b;
+  if (!split_role(a, s, h, b)) {
     window_block<P, NREP, DT, WT, OT>(a, b, h);
     return;
   }
