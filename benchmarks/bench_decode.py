@@ -340,7 +340,7 @@ def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
             regs = {}
             try:
                 mod = layer._module("decode", HQ // HKV)
-                for kname in ("mma", "reduce"):
+                for kname in ("mma", "fma"):
                     kf = mod.kernels[kname]
                     regs[kname] = dict(regs=int(kf.num_regs), local=int(kf.local_size_bytes))
             except Exception as e:  # attribute names differ across CuPy versions

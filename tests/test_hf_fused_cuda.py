@@ -70,9 +70,11 @@ def test_fused_matches_packed_torch_path(preset, monkeypatch):
     from tq.hf.cuda_layer import FusedCudaLayer
     model = _tiny_llama("cuda")
     ids = torch.randint(0, 512, (2, 300), device="cuda")
-    # block=1 keeps exactly `window` tokens in full precision, like the fused ring buffer;
+    # The fused ring buffer holds the last 32 tokens, the new one included, when attention
+    # runs.  The torch path compresses after attention, down to `window`, so window=31 with
+    # block=1 attends over the same 32 full-precision tokens and the same compressed ones;
     # no centering, so both paths store identical codes and differ only in arithmetic.
-    ref_cache = TurboQuantCache(model.config, preset, window=32, sinks=0, block=1, center_keys=False, fused=False)
+    ref_cache = TurboQuantCache(model.config, preset, window=31, sinks=0, block=1, center_keys=False, fused=False)
     tq.hf.enable(model, ref_cache)
     ref, fed = _decode_logits(model, ref_cache, ids, 20)
     rels = {}
