@@ -348,6 +348,9 @@ def test_split_smem_plan():
     assert stage and need == base                             # bf16 window: staged for free
     need, stage = split_smem_plan(base, 128, 4, 128, 128, 40, 4)
     assert not stage and need == base                         # float32 window: read from L2
+    small = mma_smem_bytes(128, 3, 2, 4)                      # K3/V2: about 38 KiB
+    need, stage = split_smem_plan(small, 128, 4, 128, 128, 40, 2)
+    assert stage and need == window_smem_bytes(4, 128, 128, 2, True) <= 227 * 1024 // 3
     need, stage = split_smem_plan(base, 128, 4, 33, 128, 40, 2)
     assert not stage                                          # 66-byte rows: no 16-byte copies
     need, stage = split_smem_plan(1024, 128, 4, 128, 0, 40, 2)

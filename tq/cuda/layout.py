@@ -158,13 +158,19 @@ def finish_smem_bytes(p: int, nrep: int, splits: int) -> int:
     return 4 * (nrep * p + max(splits, 1) * nrep + 2 * nrep)
 
 
+#: shared memory one of the 3 resident split blocks may take on an SM of 228 KiB
+#: (the split kernels are register-bound at 3 blocks per SM, tq/kernels/decode.cu)
+SPLIT_SMEM_SHARE = 227 * 1024 // 3 - 1024
+
+
 def split_smem_plan(base: int, p: int, nrep: int, head_dim: int, window: int, splits: int,
                     dtype_bytes: int) -> tuple[int, bool]:
     """(dynamic shared memory, stage the window?) for a split launch whose main loop
-    needs ``base`` bytes: the window is staged (16-byte copies) only when that fits
-    in what the main loop already takes, so staging never costs occupancy."""
+    needs ``base`` bytes: the window block stages K and V (16-byte copies) when that
+    fits in the larger of ``base`` and a third of an SM, so staging never costs
+    occupancy (3 blocks per SM are resident either way)."""
     stage = (window > 0 and (head_dim * dtype_bytes) % 16 == 0
-             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= base)
+             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= max(base, SPLIT_SMEM_SHARE))
     need = max(base, window_smem_bytes(nrep, head_dim, window, dtype_bytes, stage),
                finish_smem_bytes(p, nrep, splits))
     return need, stage

@@ -609,19 +609,39 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
     if (lane == 0) { wsc[r] = aw; linv[r] = Ls > 0.f ? 1.f / Ls : 0.f; }
   }
   __syncthreads();
-  // merge the split partials, 8 loads in flight per thread
+  // merge the split partials: IG elements per thread at once, 8 splits each, so up to
+  // 32 loads are in flight (the latency of this loop is paid after the last split)
+  constexpr int IG = (NREP * P / 128) < 1 ? 1 : ((NREP * P / 128) < 4 ? (NREP * P / 128) : 4);
   const i64 st = (i64)NREP * P;
-  for (int i = tid; i < NREP * P; i += 128) {
-    const int r = i / P;
-    const float* op = a.opart + pb * P + i;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int i0 = tid; i0 < NREP * P; i0 += 128 * IG) {
+    float acc[IG][8];
+#pragma unroll
+    for (int g = 0; g < IG; ++g)
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[g][u] = 0.f;
+    const float* op = a.opart + pb * P + i0;
     int s = 0;
     for (; s + 8 <= nsv; s += 8) {
 #pragma unroll
-      for (int u = 0; u < 8; ++u) acc[u] = fmaf(wts[(s + u) * NREP + r], __ldcg(op + (s + u) * st), acc[u]);
+      for (int g = 0; g < IG; ++g) {
+        if (i0 + 128 * g >= NREP * P) break;
+        const int r = (i0 + 128 * g) / P;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          acc[g][u] = fmaf(wts[(s + u) * NREP + r], __ldcg(op + 128 * g + (s + u) * st), acc[g][u]);
+      }
     }
-    for (; s < nsv; ++s) acc[0] = fmaf(wts[s * NREP + r], __ldcg(op + s * st), acc[0]);
-    red[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; s < nsv; ++s) {
+#pragma unroll
+      for (int g = 0; g < IG; ++g)
+        if (i0 + 128 * g < NREP * P)
+          acc[g][0] = fmaf(wts[s * NREP + (i0 + 128 * g) / P], __ldcg(op + 128 * g + s * st), acc[g][0]);
+    }
+#pragma unroll
+    for (int g = 0; g < IG; ++g)
+      if (i0 + 128 * g < NREP * P)
+        red[i0 + 128 * g] = ((acc[g][0] + acc[g][1]) + (acc[g][2] + acc[g][3])) +
+                            ((acc[g][4] + acc[g][5]) + (acc[g][6] + acc[g][7]));
   }
   __syncthreads();
   if (nsv > 0) {  // inverse rotation of the NREP rows: for round 1, 0: FWHT then signs; then * 1/P
