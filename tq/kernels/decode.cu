@@ -121,6 +121,27 @@ TQ_D void fwht_warp(float (&v)[E], int lane) {
   }
 }
 
+// Sum of squares of a warp-distributed vector in the reference's order: squares
+// rounded, then the halving tree s[i] += s[i + half], half = P/2 ... 1 (the
+// cross-lane halves first, then the E in-register ones).
+template <int E>
+TQ_D float warp_tree_sq(const float (&v)[E]) {
+  float s[E];
+#pragma unroll
+  for (int r = 0; r < E; ++r) s[r] = __fmul_rn(v[r], v[r]);
+#pragma unroll
+  for (int hl = 16; hl >= 1; hl >>= 1) {
+#pragma unroll
+    for (int r = 0; r < E; ++r) s[r] = __fadd_rn(s[r], __shfl_xor_sync(0xffffffffu, s[r], hl));
+  }
+#pragma unroll
+  for (int h = E / 2; h >= 1; h >>= 1) {
+#pragma unroll
+    for (int r = 0; r < h; ++r) s[r] = __fadd_rn(s[r], s[r + h]);
+  }
+  return s[0];
+}
+
 template <int P, int B>
 TQ_D void compress_vec(float (&x)[P / 32], int D, const float* __restrict__ signs,
                        const float* __restrict__ bounds, const float* __restrict__ cents,
@@ -150,21 +171,8 @@ TQ_D void compress_vec(float (&x)[P / 32], int D, const float* __restrict__ sign
   }
 #pragma unroll
   for (int r = 0; r < E; ++r) v[r] = __fmul_rn(v[r], 1.0f / P);
-  // 3. norm: squares, then the halving tree (cross-lane halves first)
-  float s[E];
-#pragma unroll
-  for (int r = 0; r < E; ++r) s[r] = __fmul_rn(v[r], v[r]);
-#pragma unroll
-  for (int hl = 16; hl >= 1; hl >>= 1) {
-#pragma unroll
-    for (int r = 0; r < E; ++r) s[r] = __fadd_rn(s[r], __shfl_xor_sync(0xffffffffu, s[r], hl));
-  }
-#pragma unroll
-  for (int h = E / 2; h >= 1; h >>= 1) {
-#pragma unroll
-    for (int r = 0; r < h; ++r) s[r] = __fadd_rn(s[r], s[r + h]);
-  }
-  const float rho = __fsqrt_rn(s[0]);
+  // 3. norm
+  const float rho = __fsqrt_rn(warp_tree_sq<E>(v));
   // 4-5. unit vector, codes (number of boundaries strictly below u)
   int idx[E];
   float c2[E];
@@ -188,20 +196,8 @@ TQ_D void compress_vec(float (&x)[P / 32], int D, const float* __restrict__ sign
 #pragma unroll
     for (int r = 0; r < E; ++r) c2[r] = (lane * E + r < D) ? __fmul_rn(c2[r], 1.0f / P) : 0.f;
   }
-#pragma unroll
-  for (int r = 0; r < E; ++r) c2[r] = __fmul_rn(c2[r], c2[r]);
   // 6. norm correction: kappa = |c[idx]| (or of its decoded truncation) by the same tree
-#pragma unroll
-  for (int hl = 16; hl >= 1; hl >>= 1) {
-#pragma unroll
-    for (int r = 0; r < E; ++r) c2[r] = __fadd_rn(c2[r], __shfl_xor_sync(0xffffffffu, c2[r], hl));
-  }
-#pragma unroll
-  for (int h = E / 2; h >= 1; h >>= 1) {
-#pragma unroll
-    for (int r = 0; r < h; ++r) c2[r] = __fadd_rn(c2[r], c2[r + h]);
-  }
-  const float kappa = __fsqrt_rn(c2[0]);
+  const float kappa = __fsqrt_rn(warp_tree_sq<E>(c2));
   if (lane == 0) *out_norm = f2h(__fmul_rn(__fdiv_rn(rho, kappa), up));
   // pack: LSB-first bit stream, one 32-bit word per lane
 #pragma unroll
@@ -386,9 +382,6 @@ TQ_D void rotate_queries(const SplitArgs& a, float* qs, int b, int h) {
 }
 
 // ---------------------------------------------------------------- mma path
-#ifndef TQ_KCHAINS
-#define TQ_KCHAINS 1
-#endif
 // resident blocks per SM the split kernel is compiled for (caps registers at 65536 / (128 * n))
 #ifndef TQ_MMA_MINB
 #define TQ_MMA_MINB 3
@@ -882,14 +875,9 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     const int nvld = min(16, end - tok0);
 
     // ---- scores S[head][token] for the 16 tokens (two n-tiles)
-    // TQ_KCHAINS independent accumulators per n-tile (chunk c feeds chain c % TQ_KCHAINS):
-    // shorter mma dependency chains, summed once per tile
     float sc[2][4];
-    float scc[TQ_KCHAINS][2][4];
 #pragma unroll
-    for (int ch = 0; ch < TQ_KCHAINS; ++ch)
-#pragma unroll
-      for (int z = 0; z < 2; ++z) scc[ch][z][0] = scc[ch][z][1] = scc[ch][z][2] = scc[ch][z][3] = 0.f;
+    for (int z = 0; z < 2; ++z) sc[z][0] = sc[z][1] = sc[z][2] = sc[z][3] = 0.f;
     {
       u32 wk[2][SK / 4 + 2];
 #pragma unroll
@@ -918,20 +906,11 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
             b0 = hk[2 * (c & 1)];
             b1 = hk[2 * (c & 1) + 1];
           }
-          mma16816(scc[c % TQ_KCHAINS][z], qa, b0, b1);
+          mma16816(sc[z], qa, b0, b1);
         }
       };
       sfor<0, P / 16>(kchunk);
     }
-#pragma unroll
-    for (int z = 0; z < 2; ++z)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = scc[0][z][e];
-#pragma unroll
-        for (int ch = 1; ch < TQ_KCHAINS; ++ch) v += scc[ch][z][e];
-        sc[z][e] = v;
-      }
     // ---- scale by key norms, mask, online softmax (rows g and g + 8)
     float nk[4], nvv[4];
     {
