@@ -1,4 +1,6 @@
 """TurboQuantCache's fused CUDA path (tq.cuda kernels behind model.generate)."""
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -34,6 +36,24 @@ def test_cpu_ignores_auto_and_rejects_forced_fusion():
     tq.hf.enable(model, cache)
     with pytest.raises(ValueError, match="not a CUDA device"):
         model(ids, past_key_values=cache)
+
+
+def test_auto_fusion_says_why_not_on_cuda():
+    """fused="auto" on a CUDA device with settings the kernels cannot take warns once, naming the cause."""
+    model = _tiny_llama("cpu")
+    cache = TurboQuantCache(model.config, "K4V4")          # default sinks=4: not fusable
+    cache.layers.append(cache._make_layer(0))
+    cache.layers.append(cache._make_layer(1))
+    with pytest.warns(UserWarning, match="sink tokens"):
+        cache._maybe_fuse(0, torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache._maybe_fuse(1, torch.device("cuda"))       # once per cache
+    assert type(cache.layers[0]).__name__ == "TurboQuantLayer"
+    with pytest.raises(ValueError, match="sink tokens"):
+        forced = TurboQuantCache(model.config, "K4V4", fused=True)
+        forced.layers.append(forced._make_layer(0))
+        forced._maybe_fuse(0, torch.device("cuda"))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

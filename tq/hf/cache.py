@@ -17,6 +17,7 @@ implementation works (slowly, like transformers' QuantizedCache).
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Iterable
 
@@ -425,6 +426,12 @@ class TurboQuantCache(Cache):
         if reason is not None:
             if self.fused is True and old.quantized:
                 raise ValueError(f"fused=True but layer {i} cannot use the fused CUDA kernels: {reason}")
+            if device.type == "cuda" and old.quantized and not getattr(self, "_warned_unfused", False):
+                # fused="auto" on a GPU: say once why the (much faster) fused kernels are not used
+                self._warned_unfused = True
+                warnings.warn(f"TurboQuantCache: layer {i} on {device} decodes through the torch path, not the "
+                              f"fused CUDA kernels: {reason}. Pass fused=False to keep the torch path silently.",
+                              stacklevel=3)
             return
         new = FusedCudaLayer(old.key_spec, old.value_spec, window=self.window, layer_idx=i, capacity=self.capacity)
         mod = old._attn_module() if old._attn_module is not None else None
