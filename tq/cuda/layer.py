@@ -94,7 +94,8 @@ class PackedKVLayer:
         self._counters = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
-        self._plans: dict = {}
+        self._plans: dict = {}       # nc_max -> (splits, chunk)
+        self._smem_plans: dict = {}  # (impl, n_rep, splits) -> (shared memory, stage)
         self._launchers: dict = {}
         self._sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
@@ -257,6 +258,18 @@ class PackedKVLayer:
         self._host_len = new_len
 
     # ------------------------------------------------------------ decode
+    def _smem_plan(self, which: str, nrep: int, splits: int) -> tuple[int, bool]:
+        """(dynamic shared memory, stage the window?) of a split launch, computed once per shape."""
+        key = (which, nrep, splits)
+        plan = self._smem_plans.get(key)
+        if plan is None:
+            P = self.p
+            base = (mma_smem_bytes(P, self.key_bits, self.value_bits, nrep, lut=(which == "mma"))
+                    if which in ("mma", "mma_v1") else fma_smem_bytes(P, self.key_bits, self.value_bits, nrep))
+            plan = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits, self.kwin.element_size())
+            self._smem_plans[key] = plan
+        return plan
+
     def _workspace(self, n: int):
         t = self._torch
         ws = self._ws.get("buf")
@@ -333,10 +346,7 @@ class PackedKVLayer:
         so0, so1 = out.stride(0), out.stride(1)
         which = impl
         smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
-        base = (mma_smem_bytes(P, self.key_bits, self.value_bits, nrep, lut=(which == "mma"))
-                if which in ("mma", "mma_v1") else fma_smem_bytes(P, self.key_bits, self.value_bits, nrep))
-        smem, stage = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits,
-                                      self.kwin.element_size())
+        smem, stage = self._smem_plan(which, nrep, splits)
 
         def sargs():
             return (B.ptr(q), B.i64(qs0), B.i64(qs1), B.ptr(self.kcodes),

@@ -114,9 +114,6 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
         if best is None or cost < best[0]:
             best = (cost, sp_eff, c)
     _, splits, chunk = best
-    if splits > max_splits:  # only when even max_splits chunks exceed min_chunk
-        chunk = chunk_for(max_splits)
-        splits = -(-nc_max // chunk)
     return splits, chunk
 
 

@@ -405,8 +405,9 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 
 // ======================================================================
 // Window block and finish.  The split grid has one more block per (kv head,
-// sequence), x = splits, which attends over the full-precision window in the
-// original space and stores o = sum p v, m and l per query head (wpart).
+// sequence), after all split blocks (split_role), which attends over the
+// full-precision window in the original space and stores o = sum p v, m and l
+// per query head (wpart).
 // Every block that wrote a partial then arrives on the (b, h) counter; the
 // last to arrive merges the split partials (rotated space), rotates the value
 // sum back once, adds the window partial, normalizes and writes the output,
@@ -552,6 +553,12 @@ TQ_D bool split_role(const SplitArgs& a, int& s, int& h, int& b) {
   return false;
 }
 
+// Splits of sequence b that hold compressed tokens (the others exit at once).
+TQ_D int splits_used(const SplitArgs& a, int b) {
+  const int nc = max(0, a.lengths[b] - a.W);
+  return (nc + a.chunk - 1) / a.chunk;
+}
+
 // Count this block's arrival for (b, h); true for the last of `expected` blocks.
 TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
   __shared__ int last;
@@ -575,8 +582,7 @@ template <int P, int NREP, int OT>
 TQ_D void finish(const SplitArgs& a, int b, int h) {
   typedef typename Ty<OT>::raw OTT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int L = a.lengths[b], nc = max(0, L - a.W);
-  const int nsv = (nc + a.chunk - 1) / a.chunk;
+  const int nsv = splits_used(a, b);
   const i64 bh = (i64)b * a.H + h;
   const i64 pb = bh * a.splits * NREP;
   float* red = reinterpret_cast<float*>(tq_smem);
@@ -663,19 +669,20 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
   }
 }
 
-// The window block's whole job (x = splits), and the arrival of a split block.
-// Not inlined: kept out of the split kernels' main loop, whose register allocation
-// and instruction count it would otherwise disturb (the SASS loop grew by ~15%).
+// The arrival of a block that wrote its partial (split or window block): the
+// non-empty splits and the window block are expected; the last one finishes.
+// Not inlined, like window_block: kept out of the split kernels' main loop, whose
+// register allocation and instruction count they would otherwise disturb (the
+// SASS loop grew by ~15%).
+template <int P, int NREP, int OT>
+__device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
+  if (arrive_last(a, b, h, splits_used(a, b) + 1)) finish<P, NREP, OT>(a, b, h);
+}
+// The window block's whole job.
 template <int P, int NREP, int DT, int WT, int OT>
 __device__ __noinline__ void window_block(const SplitArgs& a, int b, int h) {
   window_partial<P, NREP, DT, WT>(a, b, h);
-  const int nc = max(0, a.lengths[b] - a.W);
-  if (arrive_last(a, b, h, (nc + a.chunk - 1) / a.chunk + 1)) finish<P, NREP, OT>(a, b, h);
-}
-template <int P, int NREP, int OT>
-__device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
-  const int nc = max(0, a.lengths[b] - a.W);
-  if (arrive_last(a, b, h, (nc + a.chunk - 1) / a.chunk + 1)) finish<P, NREP, OT>(a, b, h);
+  split_done<P, NREP, OT>(a, b, h);
 }
 
 
