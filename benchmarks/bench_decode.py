@@ -162,7 +162,7 @@ def run_check(rows, quick=False):
             store_ok &= bool(np.array_equal(layer.vcodes[0][:, sel].cpu().numpy().reshape(-1, layer.cv), refv.codes))
             K, V, ll = dequantize_layer(layer)
             refo = attention(q.double(), K, V, ll)
-            for impl in ("mma", "fma"):
+            for impl in ("mmt", "mma", "fma"):
                 out = torch.full((b, HQ, D), float("nan"), device="cuda")
                 layer.decode_attention(q, out=out, out_dtype=torch.float32, impl=impl)
                 err = rel_err(out, refo)
@@ -183,7 +183,7 @@ def run_check(rows, quick=False):
             layer.append(k, v, n_valid=ln)
             K, V, ll = dequantize_layer(layer)
             refo = attention(q.double(), K, V, ll)
-            for impl in ("mma", "fma"):
+            for impl in ("mmt", "mma", "fma"):
                 out = layer.decode_attention(q, out_dtype=torch.float32, impl=impl)
                 err = rel_err(out, refo)
                 rows.append(dict(kind="check", preset=f"K{kb}/V{vb}", head_dim=d, impl=impl, lens=ln, rel_err=err))
@@ -207,7 +207,7 @@ def run_big(rows):
     for s in range(0, t, chunk):
         layer.append(torch.roll(kc, s // chunk, dims=0), torch.roll(vc, s // chunk, dims=0))
     q = torch.randn(b, HQ, D, device="cuda")
-    outs = {impl: layer.decode_attention(q, out_dtype=torch.float32, impl=impl) for impl in ("mma", "fma")}
+    outs = {impl: layer.decode_attention(q, out_dtype=torch.float32, impl=impl) for impl in ("mmt", "mma", "fma")}
     for i in (b - 1,):
         nc = t - WINDOW
         kp, vp = layer.key_config.plan(), layer.value_config.plan()

@@ -93,6 +93,10 @@ def loop_stats(sass: str) -> dict:
         loops = [(labels[m.group(1)], i) for i, t in enumerate(ins)
                  for m in [re.search(r"BRA.*(L_x_\d+)", t)] if m and labels.get(m.group(1), i) < i]
         entry = {"instructions": len(ins)}
+        # a back edge from an out-of-line retry block (e.g. an mbarrier wait placed after the
+        # function's exit) spans code that is not the loop: such ranges hold an EXIT, RET or CALL
+        loops = [lp for lp in loops if not any(re.match(r"(@!?P\w+\s+)?(EXIT|RET|CALL)", t)
+                                               for t in ins[lp[0]:lp[1]])]
         mma = [lp for lp in loops if any("HMMA" in t for t in ins[lp[0]:lp[1] + 1])]
         if mma or loops:  # the tensor-core main loop where there is one, else the longest loop
             a, b = max(mma or loops, key=lambda x: x[1] - x[0])
@@ -112,6 +116,7 @@ def main() -> None:
     ap.add_argument("--ptxas", default=None)
     ap.add_argument("--nvdisasm", default=None)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--sass", default=None, help="also write the disassembly to this file")
     a = ap.parse_args()
     nvrtc = a.nvrtc or _find("nvidia/cuda_nvrtc/lib/libnvrtc.so*")
     ptxas = a.ptxas or _find("nvidia/cuda_nvcc/bin/ptxas")
@@ -141,6 +146,9 @@ def main() -> None:
                 res[cur]["registers"] = int(re.search(r"Used (\d+) registers", line).group(1))
         if nvdisasm:
             d = subprocess.run([nvdisasm, "-c", cf], capture_output=True, text=True)
+            if a.sass:
+                with open(a.sass, "w") as f:
+                    f.write(d.stdout)
             for name, st in loop_stats(d.stdout).items():
                 res.setdefault(name, {}).update(st)
     env = environment(())

@@ -291,7 +291,7 @@ def _decode_case(torch, d, kb, vb, lens, w, nrep, impl, offset=0.0, hkv=2, qdtyp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", list(L.PRESETS))
-@pytest.mark.parametrize("impl", ["fma", "mma"])
+@pytest.mark.parametrize("impl", ["fma", "mma", "mmt"])
 def test_decode_matches_reference(preset, impl):
     torch = _gpu()
     kb, vb = L.PRESETS[preset]
@@ -304,7 +304,7 @@ def test_decode_matches_reference(preset, impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 80, 96, 256])
-@pytest.mark.parametrize("impl", ["fma", "mma"])
+@pytest.mark.parametrize("impl", ["fma", "mma", "mmt"])
 def test_decode_head_dims(d, impl):
     torch = _gpu()
     tol = 2e-5 if impl == "fma" else 3e-3
@@ -317,7 +317,7 @@ def test_decode_head_dims(d, impl):
 @pytest.mark.parametrize("nrep", [1, 3, 8, 16])
 def test_decode_gqa_groups_and_window_edges(nrep):
     torch = _gpu()
-    for impl in ("fma", "mma"):
+    for impl in ("fma", "mma", "mmt"):
         for w, lens in [(0, [300, 64]), (128, [100, 1]), (128, [128, 129])]:
             err, _, _ = _decode_case(torch, 128, 4, 4, lens, w, nrep, impl, hkv=2)
             assert err < (2e-5 if impl == "fma" else 3e-3), (nrep, impl, w, lens, err)

@@ -46,7 +46,11 @@ class Module:
         elif kind == "decode_v1":  # first version: byte-permute look-ups (kept for the notes)
             self.names = {"mma_v1": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},0,{wt},{ot}>" if nrep <= 16 else None}
         else:
+            from .layout import mmt_config
+            self.mmt_stages, self.mmt_blocks = mmt_config(p, kb, vb, nrep)
             self.names = {
+                "mmt": (f"tq_split_mmt<{p},{kb},{vb},{nrep},{dsplit},{qt},{wt},{ot},{self.mmt_stages},"
+                        f"{self.mmt_blocks}>" if nrep <= 16 else None),
                 "mma": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},1,{wt},{ot}>" if nrep <= 16 else None,
                 "fma": f"tq_split_fma<{p},{kb},{vb},{nrep},{qt},{wt},{ot}>",
             }

@@ -11,8 +11,8 @@ import numpy as np
 
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
-                     lut_words, mma_smem_bytes, padded_dim, plan_splits, quantizer_config,
-                     split_smem_plan)
+                     lut_words, mma_smem_bytes, mmt_smem_bytes, padded_dim, plan_splits,
+                     quantizer_config, split_smem_plan)
 
 LOG2E = 1.4426950408889634
 
@@ -258,17 +258,27 @@ class PackedKVLayer:
         self._host_len = new_len
 
     # ------------------------------------------------------------ decode
-    def _smem_plan(self, which: str, nrep: int, splits: int) -> tuple[int, bool]:
+    def _smem_plan(self, which: str, nrep: int, splits: int, mod) -> tuple[int, bool]:
         """(dynamic shared memory, stage the window?) of a split launch, computed once per shape."""
         key = (which, nrep, splits)
         plan = self._smem_plans.get(key)
         if plan is None:
-            P = self.p
-            base = (mma_smem_bytes(P, self.key_bits, self.value_bits, nrep, lut=(which == "mma"))
-                    if which in ("mma", "mma_v1") else fma_smem_bytes(P, self.key_bits, self.value_bits, nrep))
-            plan = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits, self.kwin.element_size())
+            P, kb, vb = self.p, self.key_bits, self.value_bits
+            if which == "mmt":
+                base = mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages)
+            elif which in ("mma", "mma_v1"):
+                base = mma_smem_bytes(P, kb, vb, nrep, lut=(which == "mma"))
+            else:
+                base = fma_smem_bytes(P, kb, vb, nrep)
+            plan = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits, self.kwin.element_size(),
+                                   blocks_per_sm=self._blocks_per_sm(which, mod))
             self._smem_plans[key] = plan
         return plan
+
+    @staticmethod
+    def _blocks_per_sm(which: str, mod) -> int:
+        """Resident split blocks per SM the launch plan assumes (register-bound)."""
+        return mod.mmt_blocks if which == "mmt" else 3
 
     def _workspace(self, n: int):
         t = self._torch
@@ -309,8 +319,8 @@ class PackedKVLayer:
             raise ValueError(f"q must be on {self.device}")
         if impl == "auto":
             impl = "mma" if nrep <= 16 else "fma"
-        if impl not in ("mma", "fma", "mma_v1"):
-            raise ValueError(f"impl must be 'auto', 'mma' or 'fma', got {impl!r}")
+        if impl not in ("mma", "fma", "mma_v1", "mmt"):
+            raise ValueError(f"impl must be 'auto', 'mmt', 'mma' or 'fma', got {impl!r}")
         if impl == "fma" and nrep > 32:
             raise ValueError("at most 32 query heads per kv head")
         qt = B.dtype_code(q.dtype)
@@ -328,12 +338,14 @@ class PackedKVLayer:
                 raise ValueError(f"max_len={max_len} is below the longest sequence ({longest})")
             longest = int(max_len)
         nc_max = max(0, longest - self.window)
-        plan = self._plans.get(nc_max)
-        if plan is None:
-            plan = plan_splits(nc_max, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=3)
-            self._plans[nc_max] = plan
-        splits, chunk = plan
         mod = self._module("decode", nrep, qt, ot)
+        which = impl
+        bps = self._blocks_per_sm(which, mod)
+        plan = self._plans.get((nc_max, bps))
+        if plan is None:
+            plan = plan_splits(nc_max, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=bps)
+            self._plans[(nc_max, bps)] = plan
+        splits, chunk = plan
         H, P = self.num_kv_heads, self.p
         npart = self.batch * H * max(splits, 1) * nrep
         ws = self._workspace(npart * (P + 2) + self.batch * H * nrep * (self.head_dim + 2))
@@ -344,9 +356,8 @@ class PackedKVLayer:
         qs0, qs1 = q.stride(0), q.stride(1)
         qptr, optr = q.data_ptr(), out.data_ptr()
         so0, so1 = out.stride(0), out.stride(1)
-        which = impl
         smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
-        smem, stage = self._smem_plan(which, nrep, splits)
+        smem, stage = self._smem_plan(which, nrep, splits, mod)
 
         def sargs():
             return (B.ptr(q), B.i64(qs0), B.i64(qs1), B.ptr(self.kcodes),

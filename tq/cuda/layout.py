@@ -13,7 +13,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -155,19 +155,59 @@ def finish_smem_bytes(p: int, nrep: int, splits: int) -> int:
     return 4 * (nrep * p + max(splits, 1) * nrep + 2 * nrep)
 
 
-#: shared memory one of the 3 resident split blocks may take on an SM of 228 KiB
-#: (the split kernels are register-bound at 3 blocks per SM, tq/kernels/decode.cu)
-SPLIT_SMEM_SHARE = 227 * 1024 // 3 - 1024
+#: shared memory of one SM (H100 / H200: 228 KiB), of which 1 KiB is reserved per resident block
+SM_SMEM = 228 * 1024
+
+
+def smem_share(blocks_per_sm: int) -> int:
+    """Dynamic shared memory one of ``blocks_per_sm`` resident blocks may take."""
+    return SM_SMEM // blocks_per_sm - 1024
+
+
+#: the share of one of the 3 resident blocks of tq_split_mma (register-bound at 3 per SM)
+SPLIT_SMEM_SHARE = smem_share(3)
+
+
+def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int) -> int:
+    """Dynamic shared memory of tq_split_mmt: pair look-up tables, the per-warp
+    cp.async pipeline of ``stages`` tiles, Q^T fragments, the rotated queries /
+    block sum, the softmax state."""
+    dsplit = 2 if p >= 256 else 1
+    tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
+    ng = 4 // dsplit
+    nh = -(-nrep // 8)
+    luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
+    return luts + 4 * stages * tile + (p // 16) * nh * 32 * 8 + nrep * p * 4 + 2 * ng * 16 * 4
+
+
+def mmt_config(p: int, kb: int, vb: int, nrep: int) -> tuple[int, int]:
+    """(pipeline stages, resident blocks per SM) of tq_split_mmt for a configuration.
+
+    Up to 8 heads per kv head the kernel fits 128 registers, so 4 blocks (16 warps)
+    per SM are resident when shared memory allows: the deepest pipeline (4, 3, then
+    2 tiles per warp) that fits a quarter of the SM.  Otherwise 3 blocks with the
+    deepest pipeline that fits a third.  ``TQ_MMT_CONFIG="stages,blocks"`` overrides
+    (benchmarks)."""
+    import os
+    env = os.environ.get("TQ_MMT_CONFIG")
+    if env:
+        st, mb = (int(x) for x in env.split(","))
+        return st, mb
+    for minb in ((4, 3) if nrep <= 8 else (3,)):
+        for st in (4, 3, 2):
+            if mmt_smem_bytes(p, kb, vb, nrep, st) <= smem_share(minb):
+                return st, minb
+    return 2, 2
 
 
 def split_smem_plan(base: int, p: int, nrep: int, head_dim: int, window: int, splits: int,
-                    dtype_bytes: int) -> tuple[int, bool]:
+                    dtype_bytes: int, blocks_per_sm: int = 3) -> tuple[int, bool]:
     """(dynamic shared memory, stage the window?) for a split launch whose main loop
     needs ``base`` bytes: the window block stages K and V (16-byte copies) when that
-    fits in the larger of ``base`` and a third of an SM, so staging never costs
-    occupancy (3 blocks per SM are resident either way)."""
+    fits in the larger of ``base`` and the share of one of ``blocks_per_sm``
+    resident blocks, so staging never costs occupancy."""
     stage = (window > 0 and (head_dim * dtype_bytes) % 16 == 0
-             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= max(base, SPLIT_SMEM_SHARE))
+             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= max(base, smem_share(blocks_per_sm)))
     need = max(base, window_smem_bytes(nrep, head_dim, window, dtype_bytes, stage),
                finish_smem_bytes(p, nrep, splits))
     return need, stage

@@ -72,7 +72,7 @@ TQ_D u32 pack_h2(float lo, float hi) {
 }
 TQ_D float fast_exp2(float x) {
   float y;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 #define TQ_NEG_INF __int_as_float(0xff800000)
@@ -1062,6 +1062,334 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
           }
         }
       }
+    }
+    __syncthreads();
+  }
+  const i64 ob = (bh * a.splits + s) * NREP;
+  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) a.opart[ob * P + i] = cacc[i];
+  if (threadIdx.x < NREP) {
+    const int r = threadIdx.x;
+    float M = TQ_NEG_INF, Lsum = 0.f;
+    for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + r]);
+    for (int w = 0; w < NG; ++w) {
+      const float mw = sm_m[w * 16 + r];
+      if (mw != TQ_NEG_INF) Lsum += sm_l[w * 16 + r] * fast_exp2(mw - M);
+    }
+    a.mpart[ob + r] = M;
+    a.lpart[ob + r] = Lsum;
+  }
+  split_done<P, NREP, OT>(a, b, h);
+}
+
+// ---------------------------------------------------------------- mmt path
+// Transposed tensor-core split kernel ("heads on the n side").  With a few
+// query heads per kv head (GQA), putting the heads on the m side of
+// m16n8k16 (tq_split_mma) wastes 12 of its 16 rows: twice the mma and twice
+// the accumulator registers that are needed.  Here the tokens and the dims
+// take the 16-wide m side, the heads (up to 8 per n-tile) the n side:
+//   S^T[token][head] = K Q^T    A = key centroids (16 tokens x 16 dims), B = Q^T
+//   O^T[dim][head]  += V^T P^T  A = value centroids (16 dims x 16 tokens), B = P^T
+// P^T is S^T's accumulator fragment transposed in registers (movmatrix), two
+// instructions per tile.  Per 16-token tile and head n-tile: P/16 mma for the
+// scores, P/16/DSPLIT for the values; accumulators 2 P/DSPLIT floats per lane.
+// Look-ups (pair tables, bank-replicated) as in tq_split_mma.  STAGES: cp.async
+// tiles per warp; MINB: resident blocks per SM the registers are capped for.
+TQ_D u32 movm_trans(u32 x) {
+  u32 r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
+template <int P, int KB, int VB, int NREP, int DSPLIT, int DT, int WT, int OT, int STAGES, int MINB>
+__global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
+  const SplitArgs a = TQ_SPLIT_ARGS;
+  constexpr int CK = P * KB / 8, CV = P * VB / 8;
+  constexpr int TILE_BYTES = 16 * CK + 16 * CV + 64;
+  constexpr int SK = P * KB / 32;           // key bytes per lane and row (P/4 codes)
+  constexpr int NC = P / 8 / DSPLIT;        // value codes per lane and row
+  constexpr int SV = NC * VB / 8;           // value bytes per lane and row
+  constexpr int NM = NC / 2;                // m-tiles (16 dims) of O^T per warp
+  constexpr int NH = (NREP + 7) / 8;        // n-tiles (8 heads)
+  constexpr int NG = 4 / DSPLIT;            // token groups in the block
+  constexpr bool QREG = P <= 128;           // query fragments in registers
+  constexpr int KLUT = LutSize<KB>::bytes;
+  constexpr int VLUT_OFF = VB != KB ? KLUT : 0;
+  constexpr int LUT_BYTES = KLUT + (VB != KB ? LutSize<VB>::bytes : 0);
+  static_assert(NREP <= 16, "mmt path takes up to 16 query heads per kv head");
+  static_assert(STAGES >= 2, "at least one tile in flight while one is computed");
+  u8* pipe = tq_smem + LUT_BYTES;                                           // 4 warps * STAGES * TILE_BYTES
+  uint2* qf = reinterpret_cast<uint2*>(pipe + 4 * STAGES * TILE_BYTES);    // [P/16][NH][32]
+  float* qs = reinterpret_cast<float*>(qf + (P / 16) * NH * 32);          // [NREP][P], later the block sum
+  float* sm_m = qs + NREP * P;                                              // [NG][16]
+  float* sm_l = sm_m + NG * 16;                                             // [NG][16]
+
+  int s, h, b;
+  if (!split_role(a, s, h, b)) {
+    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    return;
+  }
+  const int nc = max(0, a.lengths[b] - a.W);
+  const int start = s * a.chunk;
+  const int end = min(nc, start + a.chunk);
+  if (start >= end) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int tg = warp / DSPLIT, dh = warp % DSPLIT;
+  const u32 lane4 = (u32)lane * 4u;
+
+  const i64 bh = (i64)b * a.H + h;
+  u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
+  const int ntiles = (end - start + 15) / 16;
+  const int mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
+  // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
+  // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
+  constexpr int NCHUNK = CK + CV + 4;  // 16-byte pieces per tile: key codes, value codes, norms
+  const i64 row0 = bh * a.cap + start + 16 * tg;
+  const u8* gk = a.kcodes + row0 * CK;
+  const u8* gv = a.vcodes + row0 * CV;
+  const u8* gkn = reinterpret_cast<const u8*>(a.knorms + row0);
+  const u8* gvn = reinterpret_cast<const u8*>(a.vnorms + row0);
+  const u32 spipe = smem_addr(mypipe) + 16u * lane;  // this lane's first piece in stage 0
+  auto issue = [&](int it) {
+    if (it < mytiles) {
+      const u32 tk = (u32)it * (NG * 16);  // tokens past this warp's first tile
+      const u32 dst = spipe + (u32)(it % STAGES) * TILE_BYTES;
+#pragma unroll
+      for (int u = 0; u < (NCHUNK + 31) / 32; ++u) {
+        const int i = lane + 32 * u;
+        if (i < NCHUNK) {
+          const u8* src;
+          if (i < CK) src = gk + (tk * CK + 16u * i);
+          else if (i < CK + CV) src = gv + (tk * CV + 16u * (i - CK));
+          else if (i < CK + CV + 2) src = gkn + (tk * 2u + 16u * (i - CK - CV));
+          else src = gvn + (tk * 2u + 16u * (i - CK - CV - 2));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 512u * u), "l"(src));
+        }
+      }
+    }
+    cp_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+
+  build_lut<KB>(reinterpret_cast<u32*>(tq_smem), a.kcents);
+  if constexpr (VB != KB) build_lut<VB>(reinterpret_cast<u32*>(tq_smem + VLUT_OFF), a.vcents);
+  rotate_queries<P, NREP, DT>(a, qs, b, h);
+  // B fragments of Q^T: k = dims t P/4 + 4c + {0,1 | 2,3}, n = head 8 nh + g
+  for (int i = threadIdx.x; i < (P / 16) * NH * 32; i += blockDim.x) {
+    const int ln = i & 31, cn = i >> 5, c = cn / NH, nh = cn % NH;
+    const int head = 8 * nh + (ln >> 2);
+    const int j = (ln & 3) * (P / 4) + 4 * c;
+    uint2 f;
+    f.x = head < NREP ? pack_h2(qs[head * P + j], qs[head * P + j + 1]) : 0u;
+    f.y = head < NREP ? pack_h2(qs[head * P + j + 2], qs[head * P + j + 3]) : 0u;
+    qf[i] = f;
+  }
+  __syncthreads();
+  uint2 qreg[QREG ? (P / 16) * NH : 1];
+  if constexpr (QREG) {
+#pragma unroll
+    for (int i = 0; i < (P / 16) * NH; ++i) qreg[i] = qf[i * 32 + lane];
+  }
+
+  // acc[nh][m][e]: dim 2m + (e >> 1) of this lane's codes, head 8 nh + 2t + (e & 1)
+  float acc[NH][NM][4];
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+    for (int m = 0; m < NM; ++m) acc[nh][m][0] = acc[nh][m][1] = acc[nh][m][2] = acc[nh][m][3] = 0.f;
+  float mrun[NH][2], lrun[NH][2];  // heads 8 nh + 2t + c: running max, lane-partial sum
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh) { mrun[nh][0] = mrun[nh][1] = TQ_NEG_INF; lrun[nh][0] = lrun[nh][1] = 0.f; }
+
+  for (int it = 0; it < mytiles; ++it) {
+    cp_wait<STAGES - 2>();
+    __syncwarp();  // the tile's pieces from every lane have landed; the refilled stage is consumed
+    issue(it + STAGES - 1);
+    const u8* st = mypipe + (it % STAGES) * TILE_BYTES;
+    const u8* sk = st;
+    const u8* sv = st + 16 * CK;
+    const u16* snk = reinterpret_cast<const u16*>(st + 16 * CK + 16 * CV);
+    const u16* snv = snk + 16;
+    const int nvld = min(16, end - (start + 16 * (tg + it * NG)));
+
+    // ---- S^T: tokens g and g + 8 of the tile, heads 8 nh + 2t + {0, 1}
+    float sc[NH][4];
+#pragma unroll
+    for (int nh = 0; nh < NH; ++nh) sc[nh][0] = sc[nh][1] = sc[nh][2] = sc[nh][3] = 0.f;
+    {
+      u32 wk[2][SK / 4 + 2];
+      load_seg<SK>(sk + g * CK + t * SK, wk[0]);
+      load_seg<SK>(sk + (g + 8) * CK + t * SK, wk[1]);
+      auto kchunk = [&](auto ic) {  // dims t P/4 + 4c .. + 3: code pairs 2c, 2c + 1 of the lane
+        constexpr int c = decltype(ic)::value;
+        uint4 ka;
+        ka.x = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB>(wk[0], lane4));
+        ka.y = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB>(wk[1], lane4));
+        ka.z = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB>(wk[0], lane4));
+        ka.w = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB>(wk[1], lane4));
+#pragma unroll
+        for (int nh = 0; nh < NH; ++nh) {
+          uint2 qb;
+          if constexpr (QREG) qb = qreg[c * NH + nh]; else qb = qf[(c * NH + nh) * 32 + lane];
+          mma16816(sc[nh], ka, qb.x, qb.y);
+        }
+      };
+      sfor<0, P / 16>(kchunk);
+    }
+    // ---- key norms, mask, online softmax per head (column)
+    const float nk0 = h2f(snk[g]), nk1 = h2f(snk[g + 8]);
+    const float nv0 = h2f(snv[g]), nv1 = h2f(snv[g + 8]);
+    const bool ok0 = g < nvld, ok1 = g + 8 < nvld;
+    // The running max moves only if some lane holds a score above it: that test is
+    // lane-local, and only then are the maxima reduced over the 8 lanes of a head and
+    // the sums rescaled (the result equals rescaling at every tile).
+    float mx[NH][2];
+    bool up = false;
+#pragma unroll
+    for (int nh = 0; nh < NH; ++nh) {
+      sc[nh][0] = ok0 ? sc[nh][0] * nk0 : TQ_NEG_INF;
+      sc[nh][1] = ok0 ? sc[nh][1] * nk0 : TQ_NEG_INF;
+      sc[nh][2] = ok1 ? sc[nh][2] * nk1 : TQ_NEG_INF;
+      sc[nh][3] = ok1 ? sc[nh][3] * nk1 : TQ_NEG_INF;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        mx[nh][c] = fmaxf(sc[nh][c], sc[nh][c + 2]);
+        up = up || mx[nh][c] > mrun[nh][c];
+      }
+    }
+    if (__any_sync(0xffffffffu, up)) {
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh) {
+        float al[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float v = mx[nh][c];
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+          v = fmaxf(mrun[nh][c], v);
+          al[c] = fast_exp2(mrun[nh][c] - v);
+          mrun[nh][c] = v;
+          lrun[nh][c] *= al[c];
+        }
+#pragma unroll
+        for (int m = 0; m < NM; ++m) { acc[nh][m][0] *= al[0]; acc[nh][m][1] *= al[1]; acc[nh][m][2] *= al[0]; acc[nh][m][3] *= al[1]; }
+      }
+    }
+    u32 pb0[NH], pb1[NH];  // B fragments of P^T (tokens x heads), value norms folded in
+#pragma unroll
+    for (int nh = 0; nh < NH; ++nh) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[e] = fast_exp2(sc[nh][e] - mrun[nh][e & 1]);
+        lrun[nh][e & 1] += p[e];
+      }
+      pb0[nh] = movm_trans(pack_h2(ok0 ? p[0] * nv0 : 0.f, ok0 ? p[1] * nv0 : 0.f));
+      pb1[nh] = movm_trans(pack_h2(ok1 ? p[2] * nv1 : 0.f, ok1 ? p[3] * nv1 : 0.f));
+    }
+
+    // ---- O^T += V^T P^T: tokens 2t, 2t + 1, 2t + 8, 2t + 9; this lane's NC codes of each
+    {
+      u32 wv[4][(SV + 3) / 4 + 2];
+      load_seg<SV>(sv + (2 * t) * CV + g * (SV * DSPLIT) + dh * SV, wv[0]);
+      load_seg<SV>(sv + (2 * t + 1) * CV + g * (SV * DSPLIT) + dh * SV, wv[1]);
+      load_seg<SV>(sv + (2 * t + 8) * CV + g * (SV * DSPLIT) + dh * SV, wv[2]);
+      load_seg<SV>(sv + (2 * t + 9) * CV + g * (SV * DSPLIT) + dh * SV, wv[3]);
+      if constexpr (VB == 3) {
+        // pair table of two dims of one token; prmt regroups them per dim
+        auto vpair = [&](auto ic) {
+          constexpr int m = decltype(ic)::value;
+          const u32 A = lut_ld(VLUT_OFF + lut_off<6, 6 * m>(wv[0], lane4));
+          const u32 Bv = lut_ld(VLUT_OFF + lut_off<6, 6 * m>(wv[1], lane4));
+          const u32 C = lut_ld(VLUT_OFF + lut_off<6, 6 * m>(wv[2], lane4));
+          const u32 Dv = lut_ld(VLUT_OFF + lut_off<6, 6 * m>(wv[3], lane4));
+          const uint4 va = make_uint4(tq_prmt(A, Bv, 0x5410u), tq_prmt(A, Bv, 0x7632u),
+                                      tq_prmt(C, Dv, 0x5410u), tq_prmt(C, Dv, 0x7632u));
+#pragma unroll
+          for (int nh = 0; nh < NH; ++nh) mma16816(acc[nh][m], va, pb0[nh], pb1[nh]);
+        };
+        sfor<0, NM>(vpair);
+      } else {
+        // interleave two tokens' codes so one field = (token A, token B) of one dim
+        constexpr int FW = 2 * VB, PER = 32 / FW;
+        constexpr u32 MLO = VB == 4 ? 0x0f0f0f0fu : 0x33333333u;
+        static_assert(VB == 2 || VB == 4, "value bits 2, 3 or 4");
+        auto vword = [&](auto iw) {
+          constexpr int wi = decltype(iw)::value;
+          const u32 x01 = (wv[0][wi] & MLO) | ((wv[1][wi] << VB) & ~MLO);
+          const u32 y01 = ((wv[0][wi] >> VB) & MLO) | (wv[1][wi] & ~MLO);
+          const u32 x23 = (wv[2][wi] & MLO) | ((wv[3][wi] << VB) & ~MLO);
+          const u32 y23 = ((wv[2][wi] >> VB) & MLO) | (wv[3][wi] & ~MLO);
+          auto vfield = [&](auto ii) {
+            constexpr int i = decltype(ii)::value;
+            constexpr int m = wi * PER + i;
+            if constexpr (m < NM) {
+              const uint4 va = make_uint4(lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(x01, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(y01, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(x23, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(y23, lane4)));
+#pragma unroll
+              for (int nh = 0; nh < NH; ++nh) mma16816(acc[nh][m], va, pb0[nh], pb1[nh]);
+            }
+          };
+          sfor<0, PER>(vfield);
+        };
+        sfor<0, (NM + PER - 1) / PER>(vword);
+      }
+    }
+  }
+  cp_wait<0>();
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float l = lrun[nh][c];
+      l += __shfl_xor_sync(0xffffffffu, l, 4);
+      l += __shfl_xor_sync(0xffffffffu, l, 8);
+      l += __shfl_xor_sync(0xffffffffu, l, 16);
+      lrun[nh][c] = l;
+    }
+
+  // ---- merge the token groups of the block (deterministic order)
+  __syncthreads();
+  if (dh == 0 && g == 0) {
+#pragma unroll
+    for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        sm_m[tg * 16 + 8 * nh + 2 * t + c] = mrun[nh][c];
+        sm_l[tg * 16 + 8 * nh + 2 * t + c] = lrun[nh][c];
+      }
+  }
+  __syncthreads();
+  float fsc[NH][2];
+#pragma unroll
+  for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float M = TQ_NEG_INF;
+#pragma unroll
+      for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + 8 * nh + 2 * t + c]);
+      fsc[nh][c] = mrun[nh][c] == TQ_NEG_INF ? 0.f : fast_exp2(mrun[nh][c] - M);
+    }
+  float* cacc = qs;  // [NREP][P]
+  for (int step = 0; step < NG; ++step) {
+    if (tg == step) {
+#pragma unroll
+      for (int nh = 0; nh < NH; ++nh)
+#pragma unroll
+        for (int m = 0; m < NM; ++m)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int head = 8 * nh + 2 * t + (e & 1);
+            if (head < NREP) {
+              const int dim = g * (P / 8) + dh * NC + 2 * m + (e >> 1);
+              const float v = acc[nh][m][e] * fsc[nh][e & 1];
+              cacc[head * P + dim] = step == 0 ? v : cacc[head * P + dim] + v;
+            }
+          }
     }
     __syncthreads();
   }
