@@ -519,7 +519,7 @@ def main():
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--presets", default="K4/V4,K3/V3,K4/V2,K3/V2")
-    ap.add_argument("--impls", default="mma,fma")
+    ap.add_argument("--impls", default="auto,mmt,mma,fma")
     ap.add_argument("--extra-impls", default="mma_v1", help="also timed at --extra-at (version notes)")
     ap.add_argument("--extra-at", default="32768:8,131072:1,131072:8")
     ap.add_argument("--e2e-layers", type=int, default=32)

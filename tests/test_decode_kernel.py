@@ -360,3 +360,26 @@ def test_split_smem_plan():
     assert need >= finish_smem_bytes(256, 16, 1024) == 4 * (16 * 256 + 1024 * 16 + 32)
     assert window_smem_bytes(4, 128, 128, 2, True) == 4 * 4 * 256 + 2 * 128 * 128 * 2
     assert window_smem_bytes(4, 128, 8, 2, True) == 4 * 4 * 136 + 16 * 4 * 128 + 8 * 128 * 2
+
+
+def test_mmt_config_and_kernel_choice(monkeypatch):
+    """tq_split_mmt's pipeline depth and occupancy fit the SM's shared memory, and
+    impl="auto" takes it only for grids that fill the GPU."""
+    from tq.cuda.layout import choose_split_kernel, mmt_config, mmt_smem_bytes, smem_share
+    monkeypatch.delenv("TQ_MMT_CONFIG", raising=False)
+    for p in (64, 128, 256):
+        for kb in (2, 3, 4):
+            for vb in (2, 3, 4):
+                for nrep in (1, 4, 8, 16):
+                    st, mb = mmt_config(p, kb, vb, nrep)
+                    assert 2 <= st <= 4 and mmt_smem_bytes(p, kb, vb, nrep, st) <= smem_share(mb)
+                    assert mb <= (4 if nrep <= 8 else 3)   # 128 registers only up to 8 heads
+    assert mmt_config(128, 4, 4, 4) == (2, 4)     # the 32 KiB K4 pair table leaves room for 2 stages
+    assert mmt_config(128, 3, 2, 4) == (4, 4)
+    monkeypatch.setenv("TQ_MMT_CONFIG", "3,3")
+    assert mmt_config(128, 4, 4, 4) == (3, 3)
+    assert choose_split_kernel(1, 8, 4, 131072) == "mma"     # 8 pairs: small grid
+    assert choose_split_kernel(8, 8, 4, 4096) == "mma"
+    assert choose_split_kernel(8, 8, 4, 32768) == "mmt"
+    assert choose_split_kernel(32, 8, 4, 4096) == "mmt"
+    assert choose_split_kernel(32, 8, 32, 32768) == "fma"

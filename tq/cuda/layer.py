@@ -12,7 +12,7 @@ import numpy as np
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
                      lut_words, mma_smem_bytes, mmt_smem_bytes, padded_dim, plan_splits,
-                     quantizer_config, split_smem_plan)
+                     quantizer_config, split_smem_plan, choose_split_kernel)
 
 LOG2E = 1.4426950408889634
 
@@ -275,6 +275,10 @@ class PackedKVLayer:
             self._smem_plans[key] = plan
         return plan
 
+    def auto_impl(self, nrep: int, nc_max: int) -> str:
+        """The split kernel "auto" picks (tq.cuda.layout.choose_split_kernel)."""
+        return choose_split_kernel(self.batch, self.num_kv_heads, nrep, nc_max)
+
     @staticmethod
     def _blocks_per_sm(which: str, mod) -> int:
         """Resident split blocks per SM the launch plan assumes (register-bound)."""
@@ -295,8 +299,9 @@ class PackedKVLayer:
         q: [batch, num_q_heads, head_dim] (or [batch, num_q_heads, 1, head_dim]),
         num_q_heads a multiple of num_kv_heads (GQA).  Returns [batch,
         num_q_heads, head_dim] in ``out_dtype`` (default q's dtype).
-        ``impl``: "mma" (tensor cores, fp16 operands; default when n_rep <= 16)
-        or "fma" (float32 throughout).  ``max_len``: plan the launch for this
+        ``impl``: "auto" (see ``auto_impl``), "mmt" (tensor cores, heads on the
+        mma's n side: large grids), "mma" (tensor cores, heads on the m side: small
+        grids; both fp16 operands, float32 accumulation) or "fma" (float32 throughout).  ``max_len``: plan the launch for this
         many tokens instead of the current longest sequence, so the launch
         shape stays fixed across steps (CUDA graphs).
         """
@@ -317,9 +322,7 @@ class PackedKVLayer:
             q = q.contiguous()
         if q.device != self.device:
             raise ValueError(f"q must be on {self.device}")
-        if impl == "auto":
-            impl = "mma" if nrep <= 16 else "fma"
-        if impl not in ("mma", "fma", "mma_v1", "mmt"):
+        if impl not in ("auto", "mma", "fma", "mma_v1", "mmt"):
             raise ValueError(f"impl must be 'auto', 'mmt', 'mma' or 'fma', got {impl!r}")
         if impl == "fma" and nrep > 32:
             raise ValueError("at most 32 query heads per kv head")
@@ -338,6 +341,8 @@ class PackedKVLayer:
                 raise ValueError(f"max_len={max_len} is below the longest sequence ({longest})")
             longest = int(max_len)
         nc_max = max(0, longest - self.window)
+        if impl == "auto":
+            impl = self.auto_impl(nrep, nc_max)
         mod = self._module("decode", nrep, qt, ot)
         which = impl
         bps = self._blocks_per_sm(which, mod)

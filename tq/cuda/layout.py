@@ -13,7 +13,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -198,6 +198,22 @@ def mmt_config(p: int, kb: int, vb: int, nrep: int) -> tuple[int, int]:
             if mmt_smem_bytes(p, kb, vb, nrep, st) <= smem_share(minb):
                 return st, minb
     return 2, 2
+
+
+#: the transposed kernel pays off from this many (sequence, kv head) pairs and
+#: pairs x compressed tokens up (H100 and H200 tables in docs/DECODE_KERNEL.md)
+MMT_MIN_PAIRS = 32
+MMT_MIN_WORK = 1 << 19
+
+
+def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int) -> str:
+    """The split kernel of ``impl="auto"``: "mmt" (heads on the mma's n side, 4 blocks
+    per SM) once the grid fills the GPU, "mma" (heads on the m side) on small grids,
+    where its shorter prologue and fewer splits win, "fma" past 16 heads per kv head."""
+    if nrep > 16:
+        return "fma"
+    pairs = batch * num_kv_heads
+    return "mmt" if pairs >= MMT_MIN_PAIRS and pairs * nc_max >= MMT_MIN_WORK else "mma"
 
 
 def split_smem_plan(base: int, p: int, nrep: int, head_dim: int, window: int, splits: int,
