@@ -525,6 +525,7 @@ def main():
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--stem", default="decode_kernel")
     ap.add_argument("--profile", action="store_true", help="one decode per preset/impl (for ncu)")
+    ap.add_argument("--profile-at", default="32768:8", help="context:batch of --profile")
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time (torch profiler)")
     a = ap.parse_args()
     import torch
@@ -550,10 +551,11 @@ def main():
         from tq.cuda import PRESETS, PackedKVLayer
         for preset in a.presets.split(","):
             kb, vb = PRESETS[preset]
-            k = torch.randn(8, HKV, 32768, D, device="cuda", dtype=torch.bfloat16)
-            lay = PackedKVLayer(HKV, D, kb, vb, window=WINDOW, batch=8, capacity=32768)
+            ctx, bsz = (int(x) for x in a.profile_at.split(":"))
+            k = torch.randn(bsz, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+            lay = PackedKVLayer(HKV, D, kb, vb, window=WINDOW, batch=bsz, capacity=ctx)
             lay.append(k, k)
-            q = torch.randn(8, HQ, D, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(bsz, HQ, D, device="cuda", dtype=torch.bfloat16)
             for impl in a.impls.split(","):
                 lay.decode_attention(q, impl=impl)
             torch.cuda.synchronize()

@@ -94,7 +94,7 @@ class PackedKVLayer:
         self._counters = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
-        self._plans: dict = {}       # nc_max -> (splits, chunk)
+        self._plans: dict = {}       # (nc_max, blocks per SM) -> (splits, chunk)
         self._smem_plans: dict = {}  # (impl, n_rep, splits) -> (shared memory, stage)
         self._launchers: dict = {}
         self._sms = torch.cuda.get_device_properties(dev).multi_processor_count

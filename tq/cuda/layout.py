@@ -6,6 +6,8 @@ are those of docs/FORMAT.md (mse kind, hadamard rotation, float16 norms).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..config import QuantizerConfig, next_pow2
@@ -117,17 +119,23 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
     return splits, chunk
 
 
-def mma_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int = 4, lut: bool = True) -> int:
-    """Dynamic shared memory of tq_split_mma: pair look-up tables (32 copies of
+def _tensor_core_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, lut: bool,
+                            query_fragment_bytes: int) -> int:
+    """Shared memory of a tensor-core split kernel: pair look-up tables (32 copies of
     2^(2b) half2 entries per distinct bit width), the per-warp cp.async pipeline,
-    query fragments, the rotated queries / block sum, the softmax state."""
+    the query fragments, the rotated queries / block sum, the softmax state."""
     dsplit = 2 if p >= 256 else 1
     tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
     ng = 4 // dsplit
     luts = 0
     if lut:
         luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
-    return luts + 4 * stages * tile + (p // 16) * 32 * 16 + nrep * p * 4 + 2 * ng * 16 * 4
+    return luts + 4 * stages * tile + query_fragment_bytes + nrep * p * 4 + 2 * ng * 16 * 4
+
+
+def mma_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int = 4, lut: bool = True) -> int:
+    """Dynamic shared memory of tq_split_mma (query fragments: uint4 [P/16][32])."""
+    return _tensor_core_smem_bytes(p, kb, vb, nrep, stages, lut, (p // 16) * 32 * 16)
 
 
 def fma_smem_bytes(p: int, kb: int, vb: int, nrep: int) -> int:
@@ -169,15 +177,9 @@ SPLIT_SMEM_SHARE = smem_share(3)
 
 
 def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int) -> int:
-    """Dynamic shared memory of tq_split_mmt: pair look-up tables, the per-warp
-    cp.async pipeline of ``stages`` tiles, Q^T fragments, the rotated queries /
-    block sum, the softmax state."""
-    dsplit = 2 if p >= 256 else 1
-    tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
-    ng = 4 // dsplit
-    nh = -(-nrep // 8)
-    luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
-    return luts + 4 * stages * tile + (p // 16) * nh * 32 * 8 + nrep * p * 4 + 2 * ng * 16 * 4
+    """Dynamic shared memory of tq_split_mmt with a pipeline of ``stages`` tiles per
+    warp (Q^T fragments: uint2 [P/16][ceil(nrep / 8)][32])."""
+    return _tensor_core_smem_bytes(p, kb, vb, nrep, stages, True, (p // 16) * -(-nrep // 8) * 32 * 8)
 
 
 def mmt_config(p: int, kb: int, vb: int, nrep: int) -> tuple[int, int]:
@@ -188,7 +190,6 @@ def mmt_config(p: int, kb: int, vb: int, nrep: int) -> tuple[int, int]:
     2 tiles per warp) that fits a quarter of the SM.  Otherwise 3 blocks with the
     deepest pipeline that fits a third.  ``TQ_MMT_CONFIG="stages,blocks"`` overrides
     (benchmarks)."""
-    import os
     env = os.environ.get("TQ_MMT_CONFIG")
     if env:
         st, mb = (int(x) for x in env.split(","))

@@ -766,6 +766,26 @@ TQ_D void build_lut(u32* lut, const float* __restrict__ cents) {
 }
 template <int B> struct LutSize { static constexpr int bytes = (1 << (2 * B)) * 128; };
 
+// A tensor-core split block's partial: the merged value sum cacc [NREP][P] and, per
+// head, the max and softmax sum over its NG token groups (sm_m / sm_l [NG][16]).
+template <int P, int NREP, int NG>
+TQ_D void store_block_partial(const SplitArgs& a, i64 bh, int s, const float* cacc,
+                              const float* sm_m, const float* sm_l) {
+  const i64 ob = (bh * a.splits + s) * NREP;
+  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) a.opart[ob * P + i] = cacc[i];
+  if (threadIdx.x < NREP) {
+    const int r = threadIdx.x;
+    float M = TQ_NEG_INF, Lsum = 0.f;
+    for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + r]);
+    for (int w = 0; w < NG; ++w) {
+      const float mw = sm_m[w * 16 + r];
+      if (mw != TQ_NEG_INF) Lsum += sm_l[w * 16 + r] * fast_exp2(mw - M);
+    }
+    a.mpart[ob + r] = M;
+    a.lpart[ob + r] = Lsum;
+  }
+}
+
 // Tensor-core split kernel: 4 warps; each warp walks 16-token tiles with a
 // cp.async pipeline of its own, S = Q K^T and O += P V with mma.m16n8k16
 // (fp16 operands, fp32 accumulators).  Coordinates and tokens are permuted
@@ -1065,19 +1085,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     }
     __syncthreads();
   }
-  const i64 ob = (bh * a.splits + s) * NREP;
-  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) a.opart[ob * P + i] = cacc[i];
-  if (threadIdx.x < NREP) {
-    const int r = threadIdx.x;
-    float M = TQ_NEG_INF, Lsum = 0.f;
-    for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + r]);
-    for (int w = 0; w < NG; ++w) {
-      const float mw = sm_m[w * 16 + r];
-      if (mw != TQ_NEG_INF) Lsum += sm_l[w * 16 + r] * fast_exp2(mw - M);
-    }
-    a.mpart[ob + r] = M;
-    a.lpart[ob + r] = Lsum;
-  }
+  store_block_partial<P, NREP, NG>(a, bh, s, cacc, sm_m, sm_l);
   split_done<P, NREP, OT>(a, b, h);
 }
 
@@ -1393,19 +1401,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     }
     __syncthreads();
   }
-  const i64 ob = (bh * a.splits + s) * NREP;
-  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) a.opart[ob * P + i] = cacc[i];
-  if (threadIdx.x < NREP) {
-    const int r = threadIdx.x;
-    float M = TQ_NEG_INF, Lsum = 0.f;
-    for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + r]);
-    for (int w = 0; w < NG; ++w) {
-      const float mw = sm_m[w * 16 + r];
-      if (mw != TQ_NEG_INF) Lsum += sm_l[w * 16 + r] * fast_exp2(mw - M);
-    }
-    a.mpart[ob + r] = M;
-    a.lpart[ob + r] = Lsum;
-  }
+  store_block_partial<P, NREP, NG>(a, bh, s, cacc, sm_m, sm_l);
   split_done<P, NREP, OT>(a, b, h);
 }
 
