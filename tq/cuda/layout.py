@@ -123,14 +123,17 @@ def _tensor_core_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, lu
                             query_fragment_bytes: int) -> int:
     """Shared memory of a tensor-core split kernel: pair look-up tables (32 copies of
     2^(2b) half2 entries per distinct bit width), the per-warp cp.async pipeline,
-    the query fragments, the rotated queries / block sum, the softmax state."""
+    the query fragments (or, at the end, the token groups' value sums, whichever
+    is larger), the rotated queries, the softmax state."""
     dsplit = 2 if p >= 256 else 1
     tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
     ng = 4 // dsplit
     luts = 0
     if lut:
         luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
-    return luts + 4 * stages * tile + query_fragment_bytes + nrep * p * 4 + 2 * ng * 16 * 4
+    # the token groups' value sums [ng][nrep][p] (fp32) reuse the tables, pipeline and fragments at the end
+    head = max(luts + 4 * stages * tile + query_fragment_bytes, ng * nrep * p * 4)
+    return head + nrep * p * 4 + 2 * ng * 16 * 4
 
 
 def mma_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int = 4, lut: bool = True) -> int:
@@ -158,9 +161,9 @@ def window_smem_bytes(nrep: int, head_dim: int, window: int, dtype_bytes: int, s
 
 
 def finish_smem_bytes(p: int, nrep: int, splits: int) -> int:
-    """The last block of a (kv head, sequence): merged sums [NREP][P], split weights
-    [splits][NREP], window scale and 1/L [NREP] each (float32)."""
-    return 4 * (nrep * p + max(splits, 1) * nrep + 2 * nrep)
+    """The last block of a (kv head, sequence): the split weights [NREP][splits]
+    (float32; the merged sums stay in registers, one warp per query head)."""
+    return 4 * max(splits, 1) * nrep
 
 
 #: shared memory of one SM (H100 / H200: 228 KiB), of which 1 KiB is reserved per resident block

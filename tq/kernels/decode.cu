@@ -319,6 +319,25 @@ __global__ void __launch_bounds__(64) tq_store(
   }
 }
 
+// 32 sums at once: lane l returns the sum over the warp of v[l].  A reduce-scatter
+// (each step sends half of the remaining values to the partner lane): 31 shuffles
+// in 5 dependent steps, where 32 warp_sum calls take 160 in 32 chains of 5 (the
+// window block's scoring was bound by their latency: ~8 us for 128 tokens).
+TQ_D float warp_reduce_scatter(float (&v)[32]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const bool up = lane & o;
+#pragma unroll
+    for (int i = 0; i < o; ++i) {
+      const float send = up ? v[i] : v[i + o];
+      const float keep = up ? v[i + o] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+  return v[0];
+}
+
 // ======================================================================
 // Decode, split kernels.  Shared arguments.
 // ======================================================================
@@ -352,33 +371,81 @@ struct SplitArgs {
    opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale, counters, wpart, kwin, vwin, vsigns, \
    out, sob, soh, stage}
 
+// The split kernels' arguments as one struct.  The out-of-line functions
+// (window_block, split_done) take it by reference; a reference to the kernel's
+// local copy would put that copy in local memory (232 bytes per thread, written
+// at every block's start and read back through L1), so they get a block-wide
+// copy in shared memory instead (TQ_SMEM_ARGS=0: the local copy, for A/B).
+#ifndef TQ_SMEM_ARGS
+#define TQ_SMEM_ARGS 1
+#endif
+#if TQ_SMEM_ARGS
+#define TQ_FAR_ARGS(a, far)              \
+  __shared__ SplitArgs far##_store;      \
+  if (threadIdx.x == 0) far##_store = a; \
+  __syncthreads();                       \
+  const SplitArgs& far = far##_store
+#else
+#define TQ_FAR_ARGS(a, far) const SplitArgs& far = a
+#endif
+
+// Fast Walsh-Hadamard transform of one row of P floats held by a warp, lane l
+// holding elements E l .. E l + E - 1 (E = P / 32): the butterflies of the
+// reference, stride 1, 2, 4, ... (docs/FORMAT.md), x + y on the lower and x - y
+// on the upper element, strides below E inside a lane, the others between lanes
+// through shuffles.  No shared memory and no barrier: a block-wide version with
+// a barrier after each of the 2 log2(P) stages cost ~2 us per rotation.
+template <int P>
+TQ_D void warp_fwht(float (&x)[P / 32]) {
+  constexpr int E = P / 32;
+  static_assert(E >= 1 && (E & (E - 1)) == 0, "P is a power of two >= 32");
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int hh = 1; hh < E; hh <<= 1)
+#pragma unroll
+    for (int i = 0; i < E; ++i)
+      if ((i & hh) == 0) {
+        const float u = x[i], v = x[i + hh];
+        x[i] = u + v;
+        x[i + hh] = u - v;
+      }
+#pragma unroll
+  for (int hl = 1; hl < 32; hl <<= 1) {
+    const bool upper = lane & hl;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float o = __shfl_xor_sync(0xffffffffu, x[i], hl);
+      x[i] = upper ? o - x[i] : x[i] + o;
+    }
+  }
+}
+
 // q of the group -> smem qs[NREP][P], rotated (pad, signs, FWHT twice, 1/P)
-// and scaled by qscale.  Block-wide; ends with a barrier.
+// and scaled by qscale; one warp per query head.  Block-wide; ends with a barrier.
+// Out of line: inlined, it disturbed the register allocation of the tensor-core
+// main loop (+25% instructions per tile in tq_split_mma).
 template <int P, int NREP, int DT>
-TQ_D void rotate_queries(const SplitArgs& a, float* qs, int b, int h) {
+__device__ __noinline__ void rotate_queries(const SplitArgs& a, float* qs, int b, int h) {
   typedef typename Ty<DT>::raw T;
+  constexpr int E = P / 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* q = (const T*)a.q + b * a.sqb + (i64)h * NREP * a.sqh;
-  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) {
-    int r = i / P, j = i % P;
-    qs[i] = j < a.D ? Ty<DT>::ld(q + r * a.sqh + j) * __ldg(a.ksigns + j) : 0.f;
+  const float f = a.qscale / P;
+  for (int r = warp; r < NREP; r += blockDim.x >> 5) {
+    float x[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int j = E * lane + i;
+      x[i] = j < a.D ? Ty<DT>::ld(q + r * a.sqh + j) * __ldg(a.ksigns + j) : 0.f;
+    }
+    warp_fwht<P>(x);
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] *= __ldg(a.ksigns + P + E * lane + i);
+    warp_fwht<P>(x);
+#pragma unroll
+    for (int i = 0; i < E; ++i) qs[r * P + E * lane + i] = x[i] * f;
   }
   __syncthreads();
-  for (int round = 0; round < 2; ++round) {
-    for (int hh = 1; hh < P; hh <<= 1) {
-      for (int i = threadIdx.x; i < NREP * P / 2; i += blockDim.x) {
-        int r = i / (P / 2), k = i % (P / 2);
-        int j = (k / hh) * 2 * hh + (k % hh);
-        float x = qs[r * P + j], y = qs[r * P + j + hh];
-        qs[r * P + j] = x + y;
-        qs[r * P + j + hh] = x - y;
-      }
-      __syncthreads();
-    }
-    const float f = round == 0 ? 1.f : a.qscale / P;
-    for (int i = threadIdx.x; i < NREP * P; i += blockDim.x)
-      qs[i] *= (round == 0 ? __ldg(a.ksigns + P + i % P) : f);
-    __syncthreads();
-  }
 }
 
 // ---------------------------------------------------------------- mma path
@@ -403,6 +470,24 @@ TQ_D void cp_async16(void* dst, const void* src) {
 TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
+// TQ_TRACE (benchmarks/probe_decode_latency.py only): thread 0 of each block stores
+// %globaltimer at phase k in tq_trace[block][k]; compiled out otherwise.  Phases:
+// 0 start, 1 tables built (split) / window partial done, 2 queries ready, 3 tiles
+// done, 4 partial stored, 5 arrived, 6 finished, 7 empty split, window block: 8
+// staged, 9 scored, 10 softmax.
+#ifdef TQ_TRACE
+__device__ unsigned long long tq_trace[4096][16];
+TQ_D void trace(int k) {
+  if (threadIdx.x == 0 && blockIdx.x < 4096) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    tq_trace[blockIdx.x][k] = t;
+  }
+}
+#else
+TQ_D void trace(int) {}
+#endif
+
 // ======================================================================
 // Window block and finish.  The split grid has one more block per (kv head,
 // sequence), after all split blocks (split_role), which attends over the
@@ -423,6 +508,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
   constexpr int RG = NREP < 4 ? NREP : 4;  // heads per pass (register budget)
   constexpr int TU = 8;                    // tokens per warp and round (scores)
   constexpr int NDI = P / 32;              // dims per lane (values); D <= P
+  static_assert(RG * TU <= 32, "one score per lane after the reduce-scatter");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int L = a.lengths[b], nc = max(0, L - a.W), nw = L - nc;  // window = slots [0, nw)
   const i64 bh = (i64)b * a.H + h;
@@ -452,6 +538,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
   }
   if (a.stage) cp_wait<0>();
   __syncthreads();
+  trace(8);
   // scores: TU tokens per warp and round, lanes over the dims, RG heads at a time
   for (int r0 = 0; r0 < NREP; r0 += RG) {
     for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
@@ -474,16 +561,15 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
           for (int u = 0; u < TU; ++u) part[g][u] = fmaf(qd, kv[u], part[g][u]);
         }
       }
+      float v[32];
 #pragma unroll
-      for (int g = 0; g < RG; ++g)
-#pragma unroll
-        for (int u = 0; u < TU; ++u) {
-          const float v = warp_sum(part[g][u]);
-          if (lane == u && t0 + u < nw) sw[(r0 + g) * a.W + t0 + u] = v;
-        }
+      for (int k = 0; k < 32; ++k) v[k] = k < RG * TU ? part[k / TU][k % TU] : 0.f;
+      const float sc = warp_reduce_scatter(v);  // lane k: score of head r0 + k / TU, token t0 + k % TU
+      if (lane < RG * TU && t0 + lane % TU < nw) sw[(r0 + lane / TU) * a.W + t0 + lane % TU] = sc;
     }
   }
   __syncthreads();
+  trace(9);
   // per-head max and weights
   float* wp = a.wpart + bh * NREP * (a.D + 2);
   for (int r = warp; r < NREP; r += 4) {
@@ -500,6 +586,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
     if (lane == 0) { wp[r * (a.D + 2) + a.D] = m; wp[r * (a.D + 2) + a.D + 1] = l; }
   }
   __syncthreads();
+  trace(10);
   // values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i; RG heads at a time
   for (int r0 = 0; r0 < NREP; r0 += RG) {
     float acc[RG][NDI];
@@ -507,7 +594,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
     for (int g = 0; g < RG; ++g)
 #pragma unroll
       for (int i = 0; i < NDI; ++i) acc[g][i] = 0.f;
-#pragma unroll 2
+#pragma unroll 4
     for (int w = warp; w < nw; w += 4) {
       const WTT* vr = vw + (i64)((nc + w) % a.W) * a.D;
       float vv[NDI];
@@ -534,6 +621,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
     }
   }
 }
+
 
 // The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
 // fastest, then kv head, then sequence), the H * B after them the window blocks,
@@ -576,22 +664,44 @@ TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
   return last;
 }
 
-// Shared memory: red [NREP][P] | wts [splits][NREP] | scale [NREP] | linv [NREP].
-// Partials written by other blocks are read with ld.global.cg (L2, never a stale L1 line).
+// E = P / 32 consecutive floats from global memory through L2 (ld.global.cg: the
+// partials were written by other blocks; never a stale L1 line).
+template <int E>
+TQ_D void ldcg_row(const float* p, float (&v)[E]) {
+  if constexpr (E % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < E; i += 4) {
+      const float4 t = __ldcg(reinterpret_cast<const float4*>(p + i));
+      v[i] = t.x; v[i + 1] = t.y; v[i + 2] = t.z; v[i + 3] = t.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; i += 2) {
+      const float2 t = __ldcg(reinterpret_cast<const float2*>(p + i));
+      v[i] = t.x; v[i + 1] = t.y;
+    }
+  }
+}
+
+// One warp per query head r: the split weights (max over the splits and the
+// window), the weighted sum of the split partials in registers (lane l: elements
+// E l ..), the inverse rotation (warp_fwht), the window partial, 1/L, the store.
+// No block barrier.  Shared memory: the split weights [NREP][splits], each row
+// written and read by its own warp.
 template <int P, int NREP, int OT>
 TQ_D void finish(const SplitArgs& a, int b, int h) {
   typedef typename Ty<OT>::raw OTT;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  constexpr int E = P / 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nsv = splits_used(a, b);
   const i64 bh = (i64)b * a.H + h;
   const i64 pb = bh * a.splits * NREP;
-  float* red = reinterpret_cast<float*>(tq_smem);
-  float* wts = red + NREP * P;
-  float* wsc = wts + max(a.splits, 1) * NREP;
-  float* linv = wsc + NREP;
   const float* wp = a.wpart + bh * NREP * (a.D + 2);
-  for (int r = warp; r < NREP; r += 4) {
-    const float mw = __ldcg(wp + r * (a.D + 2) + a.D);
+  OTT* out = (OTT*)a.out + b * a.sob + (i64)h * NREP * a.soh;
+  for (int r = warp; r < NREP; r += blockDim.x >> 5) {
+    float* wts = reinterpret_cast<float*>(tq_smem) + r * max(a.splits, 1);
+    const float* wr = wp + r * (a.D + 2);
+    const float mw = __ldcg(wr + a.D);
     float M = mw;
     for (int s = lane; s < nsv; s += 32) M = fmaxf(M, __ldcg(a.mpart + pb + s * NREP + r));
     M = warp_max(M);
@@ -599,73 +709,58 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
     for (int s = lane; s < nsv; s += 32) {
       const float ms = __ldcg(a.mpart + pb + s * NREP + r);
       const float w = ms == TQ_NEG_INF ? 0.f : exp2f(ms - M);
-      wts[s * NREP + r] = w;
+      wts[s] = w;
       Ls += w * __ldcg(a.lpart + pb + s * NREP + r);
     }
     Ls = warp_sum(Ls);
     const float aw = mw == TQ_NEG_INF ? 0.f : exp2f(mw - M);
-    Ls += aw * __ldcg(wp + r * (a.D + 2) + a.D + 1);
-    if (lane == 0) { wsc[r] = aw; linv[r] = Ls > 0.f ? 1.f / Ls : 0.f; }
-  }
-  __syncthreads();
-  // merge the split partials: IG elements per thread at once, 8 splits each, so up to
-  // 32 loads are in flight (the latency of this loop is paid after the last split)
-  constexpr int IG = (NREP * P / 128) < 1 ? 1 : ((NREP * P / 128) < 4 ? (NREP * P / 128) : 4);
-  const i64 st = (i64)NREP * P;
-  for (int i0 = tid; i0 < NREP * P; i0 += 128 * IG) {
-    float acc[IG][8];
+    Ls += aw * __ldcg(wr + a.D + 1);
+    const float linv = Ls > 0.f ? 1.f / Ls : 0.f;
+    __syncwarp();
+    float x[E];
 #pragma unroll
-    for (int g = 0; g < IG; ++g)
+    for (int i = 0; i < E; ++i) x[i] = 0.f;
+    if (nsv > 0) {
+      // 4 partial sums per element (split s goes to sum s % 4), SB splits at a time:
+      // their loads are in flight together (64 registers; 2 L2 round trips for 32
+      // splits at P = 128, where one split at a time took one per split)
+      constexpr int SB = 64 / E < 8 ? 8 : 64 / E;
+      float acc[4][E];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) acc[g][u] = 0.f;
-    const float* op = a.opart + pb * P + i0;
-    int s = 0;
-    for (; s + 8 <= nsv; s += 8) {
+      for (int u = 0; u < 4; ++u)
 #pragma unroll
-      for (int g = 0; g < IG; ++g) {
-        if (i0 + 128 * g >= NREP * P) break;
-        const int r = (i0 + 128 * g) / P;
+        for (int i = 0; i < E; ++i) acc[u][i] = 0.f;
+      const float* op = a.opart + (pb + r) * P + E * lane;  // split s: op + s NREP P
+      for (int s0 = 0; s0 < nsv; s0 += SB) {
+        float v[SB][E];
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          acc[g][u] = fmaf(wts[(s + u) * NREP + r], __ldcg(op + 128 * g + (s + u) * st), acc[g][u]);
-      }
-    }
-    for (; s < nsv; ++s) {
+        for (int u = 0; u < SB; ++u)
+          if (s0 + u < nsv) ldcg_row<E>(op + (i64)(s0 + u) * NREP * P, v[u]);
 #pragma unroll
-      for (int g = 0; g < IG; ++g)
-        if (i0 + 128 * g < NREP * P)
-          acc[g][0] = fmaf(wts[s * NREP + (i0 + 128 * g) / P], __ldcg(op + 128 * g + s * st), acc[g][0]);
-    }
+        for (int u = 0; u < SB; ++u) {
+          if (s0 + u < nsv) {
+            const float w = wts[s0 + u];
 #pragma unroll
-    for (int g = 0; g < IG; ++g)
-      if (i0 + 128 * g < NREP * P)
-        red[i0 + 128 * g] = ((acc[g][0] + acc[g][1]) + (acc[g][2] + acc[g][3])) +
-                            ((acc[g][4] + acc[g][5]) + (acc[g][6] + acc[g][7]));
-  }
-  __syncthreads();
-  if (nsv > 0) {  // inverse rotation of the NREP rows: for round 1, 0: FWHT then signs; then * 1/P
-    for (int round = 1; round >= 0; --round) {
-      for (int lh = 0; (1 << lh) < P; ++lh) {
-        const int hh = 1 << lh;
-        for (int i = tid; i < NREP * P / 2; i += 128) {
-          const int r = i / (P / 2), k = i - r * (P / 2);
-          const int j = r * P + ((k >> lh) << (lh + 1)) + (k & (hh - 1));
-          const float x = red[j], y = red[j + hh];
-          red[j] = x + y;
-          red[j + hh] = x - y;
+            for (int i = 0; i < E; ++i) acc[u & 3][i] = fmaf(w, v[u][i], acc[u & 3][i]);
+          }
         }
-        __syncthreads();
       }
-      for (int i = tid; i < NREP * P; i += 128)
-        red[i] *= __ldg(a.vsigns + round * P + (i & (P - 1))) * (round == 0 ? 1.0f / P : 1.0f);
-      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < E; ++i)
+        x[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+      // inverse rotation: FWHT, signs 1, FWHT, signs 0 and 1/P
+      warp_fwht<P>(x);
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] *= __ldg(a.vsigns + P + E * lane + i);
+      warp_fwht<P>(x);
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] *= __ldg(a.vsigns + E * lane + i) * (1.0f / P);
     }
-  }
-  OTT* out = (OTT*)a.out + b * a.sob + (i64)h * NREP * a.soh;
-  for (int i = tid; i < NREP * a.D; i += 128) {
-    const int r = i / a.D, d = i - r * a.D;
-    const float v = red[r * P + d] + wsc[r] * __ldcg(wp + r * (a.D + 2) + d);
-    out[r * a.soh + d] = Ty<OT>::cvt(v * linv[r]);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int d = E * lane + i;
+      if (d < a.D) out[r * a.soh + d] = Ty<OT>::cvt((x[i] + aw * __ldcg(wr + d)) * linv);
+    }
   }
 }
 
@@ -676,12 +771,19 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
 // SASS loop grew by ~15%).
 template <int P, int NREP, int OT>
 __device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
-  if (arrive_last(a, b, h, splits_used(a, b) + 1)) finish<P, NREP, OT>(a, b, h);
+  trace(4);
+  const bool last = arrive_last(a, b, h, splits_used(a, b) + 1);
+  trace(5);
+  if (last) {
+    finish<P, NREP, OT>(a, b, h);
+    trace(6);
+  }
 }
 // The window block's whole job.
 template <int P, int NREP, int DT, int WT, int OT>
 __device__ __noinline__ void window_block(const SplitArgs& a, int b, int h) {
   window_partial<P, NREP, DT, WT>(a, b, h);
+  trace(1);
   split_done<P, NREP, OT>(a, b, h);
 }
 
@@ -751,28 +853,60 @@ TQ_D void sfor(F& f) {
     sfor<I + 1, N>(f);
   }
 }
+// The lane index from %laneid.  The look-up offsets OR it into every table address;
+// derived from threadIdx.x, ptxas rematerialized it as (4 tid) & 0x7c inside the
+// main loop, one extra instruction per look-up (+25% per tile in tq_split_mma).
+TQ_D u32 lane_id() {
+  u32 r;
+  asm("mov.u32 %0, %%laneid;" : "=r"(r));
+  return r;
+}
 TQ_D u32 lut_ld(u32 off) { return *reinterpret_cast<const u32*>(tq_smem + off); }
 
 // Pair table: entry e = half2 {c[e & (2^B - 1)], c[e >> B]} (two codes per
 // look-up), 32 copies per entry.  Block-wide.
+__host__ __device__ constexpr int cmax(int x, int y) { return x > y ? x : y; }
 template <int B>
-TQ_D void build_lut(u32* lut, const float* __restrict__ cents) {
+TQ_D void fill_lut(u32* lut, const float* cents) {
   constexpr int NE = 1 << (2 * B);
   for (int i = threadIdx.x; i < NE * 8; i += blockDim.x) {
     const int e = i >> 3;
-    const u32 v = pack_h2(__ldg(cents + (e & ((1 << B) - 1))), __ldg(cents + (e >> B)));
+    const u32 v = pack_h2(cents[e & ((1 << B) - 1)], cents[e >> B]);
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
 }
+// The key table at smem, the value table at smem + voff (when VB != KB).  The
+// centroids are read from global memory once, into shared memory: reading them
+// inside the fill loop put one global round trip in every iteration (16 for
+// 4 bits; ncu: the largest long-scoreboard stall of a batch-1 launch).
+template <int KB, int VB>
+TQ_D void build_luts(u8* smem, int voff, const float* __restrict__ kcents, const float* __restrict__ vcents) {
+  static_assert(KB <= 4 && VB <= 4, "pair tables are built for up to 4 bits");
+  __shared__ float cs[2][16];
+  const int tid = threadIdx.x;
+  if (tid < (1 << KB)) cs[0][tid] = __ldg(kcents + tid);
+  if (VB != KB && tid >= 32 && tid < 32 + (1 << VB)) cs[1][tid - 32] = __ldg(vcents + tid - 32);
+  __syncthreads();
+  fill_lut<KB>(reinterpret_cast<u32*>(smem), cs[0]);
+  if constexpr (VB != KB) fill_lut<VB>(reinterpret_cast<u32*>(smem + voff), cs[1]);
+}
 template <int B> struct LutSize { static constexpr int bytes = (1 << (2 * B)) * 128; };
 
-// A tensor-core split block's partial: the merged value sum cacc [NREP][P] and, per
-// head, the max and softmax sum over its NG token groups (sm_m / sm_l [NG][16]).
+// A tensor-core split block's partial: the value sum, its NG token groups' sums
+// (slices [NG][NREP][P], each already scaled to the block's max) added in group
+// order by all threads at once, and per head the max and softmax sum over the
+// groups (sm_m / sm_l [NG][16]).  (Adding the groups one warp at a time, with a
+// barrier after each, cost ~5 us per block: half of a batch-1 launch at 4K.)
 template <int P, int NREP, int NG>
-TQ_D void store_block_partial(const SplitArgs& a, i64 bh, int s, const float* cacc,
+TQ_D void store_block_partial(const SplitArgs& a, i64 bh, int s, const float* slices,
                               const float* sm_m, const float* sm_l) {
   const i64 ob = (bh * a.splits + s) * NREP;
-  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) a.opart[ob * P + i] = cacc[i];
+  for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) {
+    float v = slices[i];
+#pragma unroll
+    for (int w = 1; w < NG; ++w) v += slices[w * NREP * P + i];
+    a.opart[ob * P + i] = v;
+  }
   if (threadIdx.x < NREP) {
     const int r = threadIdx.x;
     float M = TQ_NEG_INF, Lsum = 0.f;
@@ -796,6 +930,7 @@ TQ_D void store_block_partial(const SplitArgs& a, i64 bh, int s, const float* ca
 template <int P, int KB, int VB, int NREP, int DSPLIT, int DT, int LUT, int WT, int OT>
 __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS) {
   const SplitArgs a = TQ_SPLIT_ARGS;
+  TQ_FAR_ARGS(a, far);
   constexpr int STAGES = 4;
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
   constexpr int TILE_BYTES = 16 * CK + 16 * CV + 64;
@@ -810,23 +945,29 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   static_assert(NREP <= 16, "mma path takes up to 16 query heads per kv head");
   u8* pipe = tq_smem + LUT_BYTES;                                          // 4 warps * STAGES * TILE_BYTES
   uint4* qf = reinterpret_cast<uint4*>(pipe + 4 * STAGES * TILE_BYTES);   // [P/16][32]
-  float* qs = reinterpret_cast<float*>(qf + (P / 16) * 32);              // [NREP][P], later the block sum
+  // the token groups' sums [NG][NREP][P] reuse the region above at the end (layout.py)
+  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * 32 * 16, NG * NREP * P * 4);
+  float* qs = reinterpret_cast<float*>(tq_smem + HEAD);                    // [NREP][P] rotated queries
   float* sm_m = qs + NREP * P;                                             // [NG][16]
   float* sm_l = sm_m + NG * 16;                                            // [NG][16]
 
   int s, h, b;
+  trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h);
     return;
   }
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
-  if (start >= end) return;
+  if (start >= end) {
+    trace(7);
+    return;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tg = warp / DSPLIT, dh = warp % DSPLIT;
-  const u32 lane4 = (u32)lane * 4u;
+  const u32 lane4 = lane_id() * 4u;  // %laneid: not rematerialized from threadIdx (see lane_id)
 
   const i64 bh = (i64)b * a.H + h;
   const u8* kc = a.kcodes + bh * a.cap * CK;
@@ -859,10 +1000,10 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
 
   if constexpr (LUT) {
-    build_lut<KB>(reinterpret_cast<u32*>(tq_smem), a.kcents);
-    if constexpr (VB != KB) build_lut<VB>(reinterpret_cast<u32*>(tq_smem + VLUT_OFF), a.vcents);
+    build_luts<KB, VB>(tq_smem, VLUT_OFF, a.kcents, a.vcents);
   }
-  rotate_queries<P, NREP, DT>(a, qs, b, h);
+  trace(1);
+  rotate_queries<P, NREP, DT>(far, qs, b, h);
   for (int i = threadIdx.x; i < (P / 16) * 32; i += blockDim.x) {
     const int c = i / 32, ln = i % 32, gg = ln >> 2, tt = ln & 3;
     const int j = tt * (P / 4) + 4 * c;
@@ -877,6 +1018,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
 #pragma unroll
   for (int i = 0; i < 4; ++i) { ktab[i] = __ldg(a.ktab + i); vtab[i] = __ldg(a.vtab + i); }
   __syncthreads();
+  trace(2);
   uint4 qreg[QREG ? P / 16 : 1];
   if constexpr (QREG) {
 #pragma unroll
@@ -1050,6 +1192,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     }
   }
   cp_wait<0>();
+  trace(3);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -1067,26 +1210,22 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   for (int w = 0; w < NG; ++w) { M0 = fmaxf(M0, sm_m[w * 16 + g]); M1 = fmaxf(M1, sm_m[w * 16 + g + 8]); }
   const float f0 = m0 == TQ_NEG_INF ? 0.f : fast_exp2(m0 - M0);
   const float f1 = m1 == TQ_NEG_INF ? 0.f : fast_exp2(m1 - M1);
-  float* cacc = qs;  // [NREP][P]
-  for (int step = 0; step < NG; ++step) {
-    if (tg == step) {
+  float* slice = reinterpret_cast<float*>(tq_smem) + tg * NREP * P;  // [NG][NREP][P], over the tables and pipeline
 #pragma unroll
-      for (int j = 0; j < NJ; ++j) {
+  for (int j = 0; j < NJ; ++j)  // accumulator rows: g (e < 2) and g + 8 (e >= 2, heads only if NREP > 8)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = g + 8 * (e >> 1);
-          if (row < NREP) {
-            const int dim = (2 * t + (e & 1)) * (P / 8) + dh * NJ + j;
-            const float v = acc[j][e] * (e < 2 ? f0 : f1);
-            cacc[row * P + dim] = step == 0 ? v : cacc[row * P + dim] + v;
-          }
-        }
-      }
-    }
-    __syncthreads();
+    for (int e = 0; e < 2; ++e)
+      if (g < NREP) slice[g * P + (2 * t + e) * (P / 8) + dh * NJ + j] = acc[j][e] * f0;
+  if constexpr (NREP > 8) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 2; e < 4; ++e)
+        if (g + 8 < NREP) slice[(g + 8) * P + (2 * t + (e & 1)) * (P / 8) + dh * NJ + j] = acc[j][e] * f1;
   }
-  store_block_partial<P, NREP, NG>(a, bh, s, cacc, sm_m, sm_l);
-  split_done<P, NREP, OT>(a, b, h);
+  __syncthreads();
+  store_block_partial<P, NREP, NG>(a, bh, s, reinterpret_cast<const float*>(tq_smem), sm_m, sm_l);
+  split_done<P, NREP, OT>(far, b, h);
 }
 
 // ---------------------------------------------------------------- mmt path
@@ -1111,6 +1250,7 @@ TQ_D u32 movm_trans(u32 x) {
 template <int P, int KB, int VB, int NREP, int DSPLIT, int DT, int WT, int OT, int STAGES, int MINB>
 __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   const SplitArgs a = TQ_SPLIT_ARGS;
+  TQ_FAR_ARGS(a, far);
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
   constexpr int TILE_BYTES = 16 * CK + 16 * CV + 64;
   constexpr int SK = P * KB / 32;           // key bytes per lane and row (P/4 codes)
@@ -1127,23 +1267,29 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   static_assert(STAGES >= 2, "at least one tile in flight while one is computed");
   u8* pipe = tq_smem + LUT_BYTES;                                           // 4 warps * STAGES * TILE_BYTES
   uint2* qf = reinterpret_cast<uint2*>(pipe + 4 * STAGES * TILE_BYTES);    // [P/16][NH][32]
-  float* qs = reinterpret_cast<float*>(qf + (P / 16) * NH * 32);          // [NREP][P], later the block sum
+  // the token groups' sums [NG][NREP][P] reuse the region above at the end (layout.py)
+  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * NH * 32 * 8, NG * NREP * P * 4);
+  float* qs = reinterpret_cast<float*>(tq_smem + HEAD);                     // [NREP][P] rotated queries
   float* sm_m = qs + NREP * P;                                              // [NG][16]
   float* sm_l = sm_m + NG * 16;                                             // [NG][16]
 
   int s, h, b;
+  trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h);
     return;
   }
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
-  if (start >= end) return;
+  if (start >= end) {
+    trace(7);
+    return;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tg = warp / DSPLIT, dh = warp % DSPLIT;
-  const u32 lane4 = (u32)lane * 4u;
+  const u32 lane4 = lane_id() * 4u;  // %laneid: not rematerialized from threadIdx (see lane_id)
 
   const i64 bh = (i64)b * a.H + h;
   u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
@@ -1180,9 +1326,9 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
 
-  build_lut<KB>(reinterpret_cast<u32*>(tq_smem), a.kcents);
-  if constexpr (VB != KB) build_lut<VB>(reinterpret_cast<u32*>(tq_smem + VLUT_OFF), a.vcents);
-  rotate_queries<P, NREP, DT>(a, qs, b, h);
+  build_luts<KB, VB>(tq_smem, VLUT_OFF, a.kcents, a.vcents);
+  trace(1);
+  rotate_queries<P, NREP, DT>(far, qs, b, h);
   // B fragments of Q^T: k = dims t P/4 + 4c + {0,1 | 2,3}, n = head 8 nh + g
   for (int i = threadIdx.x; i < (P / 16) * NH * 32; i += blockDim.x) {
     const int ln = i & 31, cn = i >> 5, c = cn / NH, nh = cn % NH;
@@ -1194,6 +1340,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     qf[i] = f;
   }
   __syncthreads();
+  trace(2);
   uint2 qreg[QREG ? (P / 16) * NH : 1];
   if constexpr (QREG) {
 #pragma unroll
@@ -1349,6 +1496,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     }
   }
   cp_wait<0>();
+  trace(3);
 #pragma unroll
   for (int nh = 0; nh < NH; ++nh)
 #pragma unroll
@@ -1382,27 +1530,19 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
       for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + 8 * nh + 2 * t + c]);
       fsc[nh][c] = mrun[nh][c] == TQ_NEG_INF ? 0.f : fast_exp2(mrun[nh][c] - M);
     }
-  float* cacc = qs;  // [NREP][P]
-  for (int step = 0; step < NG; ++step) {
-    if (tg == step) {
+  float* slice = reinterpret_cast<float*>(tq_smem) + tg * NREP * P;  // [NG][NREP][P], over the tables and pipeline
 #pragma unroll
-      for (int nh = 0; nh < NH; ++nh)
+  for (int nh = 0; nh < NH; ++nh)
 #pragma unroll
-        for (int m = 0; m < NM; ++m)
+    for (int m = 0; m < NM; ++m)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int head = 8 * nh + 2 * t + (e & 1);
-            if (head < NREP) {
-              const int dim = g * (P / 8) + dh * NC + 2 * m + (e >> 1);
-              const float v = acc[nh][m][e] * fsc[nh][e & 1];
-              cacc[head * P + dim] = step == 0 ? v : cacc[head * P + dim] + v;
-            }
-          }
-    }
-    __syncthreads();
-  }
-  store_block_partial<P, NREP, NG>(a, bh, s, cacc, sm_m, sm_l);
-  split_done<P, NREP, OT>(a, b, h);
+      for (int e = 0; e < 4; ++e) {
+        const int head = 8 * nh + 2 * t + (e & 1);
+        if (head < NREP) slice[head * P + g * (P / 8) + dh * NC + 2 * m + (e >> 1)] = acc[nh][m][e] * fsc[nh][e & 1];
+      }
+  __syncthreads();
+  store_block_partial<P, NREP, NG>(a, bh, s, reinterpret_cast<const float*>(tq_smem), sm_m, sm_l);
+  split_done<P, NREP, OT>(far, b, h);
 }
 
 // ---------------------------------------------------------------- fma path
@@ -1412,6 +1552,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 template <int P, int KB, int VB, int NREP, int DT, int WT, int OT>
 __global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
   const SplitArgs a = TQ_SPLIT_ARGS;
+  TQ_FAR_ARGS(a, far);
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
   constexpr int TILE = 128;
   constexpr int JU = (P + 127) / 128;
@@ -1428,16 +1569,20 @@ __global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
   u32* vt = reinterpret_cast<u32*>(cvs + 16);     // [TILE][CV/4] + 1
 
   int s, h, b;
+  trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(a, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h);
     return;
   }
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
-  if (start >= end) return;
+  if (start >= end) {
+    trace(7);
+    return;
+  }
   const int tid = threadIdx.x;
-  rotate_queries<P, NREP, DT>(a, qs, b, h);
+  rotate_queries<P, NREP, DT>(far, qs, b, h);
   for (int i = tid; i < NREP * P; i += 128) qT[(i % P) * NREP + i / P] = qs[i];
   if (tid < (1 << KB)) cks[tid] = a.kcents[tid];
   if (tid < (1 << VB)) cvs[tid] = a.vcents[tid];
@@ -1543,6 +1688,6 @@ __global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
     }
   }
   if (tid < NREP) { a.mpart[ob + tid] = mrun[tid]; a.lpart[ob + tid] = lrun[tid]; }
-  split_done<P, NREP, OT>(a, b, h);
+  split_done<P, NREP, OT>(far, b, h);
 }
 

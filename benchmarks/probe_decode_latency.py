@@ -1,0 +1,170 @@
+"""Where does a small decode launch spend its time?  (batch 1, 32 q heads, 8 kv heads, d 128)
+
+The fused decode kernel has a floor of tens of microseconds at batch 1 (4K tokens
+take nearly as long as 32K).  This probe separates the parts of that floor:
+context length (window only, a few compressed tiles, ... 128K), the full-precision
+window (128 vs 0 tokens), and the number of splits per (sequence, kv head), forced
+past the planner.  Each figure is the median of triton's do_bench (L2 flushed).
+
+    python benchmarks/probe_decode_latency.py --out benchmarks/results
+    python benchmarks/probe_decode_latency.py --trace   # phase timeline of single launches
+
+--trace builds the kernels with -DTQ_TRACE (thread 0 of each block stores the
+global timer at phase boundaries, tq/kernels/decode.cu) and prints, per case, the
+phases' medians over the split blocks, the window blocks and the finishing blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_decode import bench, log  # noqa: E402  (also puts the checkout on sys.path)
+from _common import environment  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+def force_splits(layer, splits):
+    """Make the layer's next launches use `splits` blocks per (sequence, kv head)."""
+    nc = max(0, int(layer._host_len.max()) - layer.window)
+    chunk = -(-nc // splits)
+    chunk = -(-chunk // 64) * 64
+    for k in list(layer._plans):
+        layer._plans[k] = (-(-nc // chunk), chunk)
+
+
+PHASES = ("start", "tables", "queries", "tiles", "partial", "arrived", "finished", "empty exit",
+          "staged", "scored", "softmax")
+
+
+def trace_launch(layer, q, impl):
+    """Phase times (us from the launch's first block start) of one decode launch."""
+    import cupy as cp
+    import numpy as np
+    import torch
+
+    mod = layer._module("decode", q.shape[1] // layer.num_kv_heads)
+    buf = cp.ndarray((4096, 16), cp.uint64, mod.module.get_global("tq_trace"))
+    buf.fill(0)
+    torch.cuda.synchronize()
+    layer.decode_attention(q, impl=impl)
+    torch.cuda.synchronize()
+    tr = cp.asnumpy(buf).astype(np.int64)
+    nblk = (layer._plans[next(iter(layer._plans))][0] + 1) * layer.num_kv_heads * layer.batch
+    tr = tr[:nblk, :len(PHASES)]
+    t0 = tr[:, 0].min()
+    us = np.where(tr > 0, (tr - t0) / 1e3, np.nan)
+    nsb = nblk - layer.num_kv_heads * layer.batch
+    split, win = us[:nsb], us[nsb:]
+    fin = us[~np.isnan(us[:, 6])]
+    med = lambda a, k: float(np.nanmedian(a[:, k])) if np.isfinite(a[:, k]).any() else float("nan")  # noqa: E731
+    return dict(blocks=int(nblk), split_blocks=int(nsb),
+                split={PHASES[k]: med(split, k) for k in range(8)},
+                split_last_start=float(np.nanmax(split[:, 0])) if nsb else float("nan"),
+                win_blocks={n: med(win, k) for n, k in (('start', 0), ('staged', 8), ('scored', 9), ('softmax', 10),
+                                                    ('values', 1), ('arrived', 5), ('finished', 6))},
+                finish={PHASES[k]: med(fin, k) for k in (0, 4, 5, 6)},
+                end=float(np.nanmax(us[:, 6])))
+
+
+def run_trace(args):
+    import torch
+
+    from tq.cuda import PackedKVLayer
+
+    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for impl in args.impls.split(","):
+        for window, ctx in ((128, 1), (0, 64), (128, 4096), (128, 32768)):
+            layer = PackedKVLayer(HKV, D, 4, 4, seed=1, window=window, batch=1, capacity=ctx + 64)
+            k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+            layer.append(k, torch.randn_like(k))
+            for _ in range(3):
+                layer.decode_attention(q, impl=impl)
+            r = trace_launch(layer, q, impl)
+            r.update(impl=impl, window=window, ctx=ctx)
+            out.append(r)
+            f = lambda d: " ".join(f"{k} {v:.1f}" for k, v in d.items())  # noqa: E731
+            log(f"{impl} W={window} ctx={ctx}: {r['blocks']} blocks, end {r['end']:.1f} us, "
+                f"last split start {r['split_last_start']:.1f}")
+            log(f"   split  : {f(r['split'])}")
+            log(f"   window : {f(r['win_blocks'])}")
+            log(f"   finish : {f(r['finish'])}")
+    return out
+
+
+def main():
+    import torch
+
+    from tq.cuda import PackedKVLayer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--impls", default="mma,mmt")
+    ap.add_argument("--stem", default="decode_latency_probe")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--contexts", default="1,64,256,1024,4096,32768,131072")
+    ap.add_argument("--windows", default="128,0")
+    ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
+    args = ap.parse_args()
+    if args.trace:
+        os.environ["TQ_DECODE_DEFINES"] = (os.environ.get("TQ_DECODE_DEFINES", "") + " -DTQ_TRACE=1").strip()
+        res = run_trace(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, args.stem + "_trace.json"), "w") as f:
+            json.dump(dict(env=dict(gpu=torch.cuda.get_device_name(0), command=" ".join(sys.argv)), rows=res), f,
+                      indent=1)
+        return
+    rows = []
+    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(1, device="cuda")
+    t_empty = bench(lambda: x.add_(1))
+    rows.append(dict(case="empty torch op", ms=t_empty))
+    log(f"empty op {t_empty * 1e3:.1f} us")
+    for impl in args.impls.split(","):
+        for window in map(int, args.windows.split(",")):
+            for ctx in map(int, args.contexts.split(",")):
+                if window == 0 and ctx < 64:
+                    continue
+                layer = PackedKVLayer(HKV, D, 4, 4, seed=1, window=window, batch=1, capacity=ctx + 64)
+                k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+                layer.append(k, torch.randn_like(k))
+                layer.decode_attention(q, impl=impl)
+                plan = next(iter(layer._plans.values()), (0, 0))
+                t = bench(lambda: layer.decode_attention(q, impl=impl))
+                rows.append(dict(case="context", impl=impl, window=window, ctx=ctx, splits=plan[0],
+                                 chunk=plan[1], ms=t))
+                log(f"{impl} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
+                if ctx in (4096, 32768) and window == 128 and not args.no_forced:
+                    for sp in (1, 2, 4, 8, 16, 31, 64, 128):
+                        force_splits(layer, sp)
+                        splits, chunk = next(iter(layer._plans.values()))
+                        t = bench(lambda: layer.decode_attention(q, impl=impl))
+                        rows.append(dict(case="forced splits", impl=impl, window=window, ctx=ctx,
+                                         splits=splits, chunk=chunk, ms=t))
+                        log(f"  forced splits {splits} (chunk {chunk}): {t * 1e3:.1f} us")
+                del layer, k
+    env = environment(("torch", "triton", "cupy"))
+    env["gpu"] = torch.cuda.get_device_name(0)
+    env["command"] = " ".join(["python3"] + sys.argv)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, args.stem + ".json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    lines = [f"# Decode latency probe (batch 1, {HQ} q / {HKV} kv heads, d {D}, K4/V4)", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
+    lines += [f"Empty torch op under the same timer: {t_empty * 1e3:.1f} us", ""]
+    lines += ["| impl | window | context | splits | chunk | forced | time (us) |", "|---|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+        lines.append(f"| {r['impl']} | {r['window']} | {r['ctx']} | {r['splits']} | {r['chunk']} | "
+                     f"{'yes' if r['case'] == 'forced splits' else ''} | {r['ms'] * 1e3:.1f} |")
+    with open(os.path.join(args.out, args.stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
