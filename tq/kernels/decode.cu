@@ -875,17 +875,27 @@ TQ_D void fill_lut(u32* lut, const float* cents) {
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
 }
-// The key table at smem, the value table at smem + voff (when VB != KB).  The
-// centroids are read from global memory once, into shared memory: reading them
-// inside the fill loop put one global round trip in every iteration (16 for
-// 4 bits; ncu: the largest long-scoreboard stall of a batch-1 launch).
+// This thread's centroid for the pair tables: keys in threads [0, 2^KB), values in
+// [32, 32 + 2^VB) (when VB != KB).  Loaded at the block's start, so the global
+// round trip overlaps the other prologue loads.
 template <int KB, int VB>
-TQ_D void build_luts(u8* smem, int voff, const float* __restrict__ kcents, const float* __restrict__ vcents) {
+TQ_D float load_centroid(const float* __restrict__ kcents, const float* __restrict__ vcents) {
   static_assert(KB <= 4 && VB <= 4, "pair tables are built for up to 4 bits");
+  const int tid = threadIdx.x;
+  if (tid < (1 << KB)) return __ldg(kcents + tid);
+  if (VB != KB && tid >= 32 && tid < 32 + (1 << VB)) return __ldg(vcents + tid - 32);
+  return 0.f;
+}
+// The key table at smem, the value table at smem + voff (when VB != KB), from the
+// centroids of load_centroid (staged in shared memory: reading them from global
+// memory inside the fill loop put a round trip in every iteration, 16 for 4 bits;
+// ncu: the largest long-scoreboard stall of a batch-1 launch).  Block-wide.
+template <int KB, int VB>
+TQ_D void build_luts(u8* smem, int voff, float cent) {
   __shared__ float cs[2][16];
   const int tid = threadIdx.x;
-  if (tid < (1 << KB)) cs[0][tid] = __ldg(kcents + tid);
-  if (VB != KB && tid >= 32 && tid < 32 + (1 << VB)) cs[1][tid - 32] = __ldg(vcents + tid - 32);
+  if (tid < (1 << KB)) cs[0][tid] = cent;
+  if (VB != KB && tid >= 32 && tid < 32 + (1 << VB)) cs[1][tid - 32] = cent;
   __syncthreads();
   fill_lut<KB>(reinterpret_cast<u32*>(smem), cs[0]);
   if constexpr (VB != KB) fill_lut<VB>(reinterpret_cast<u32*>(smem + voff), cs[1]);
@@ -957,6 +967,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     window_block<P, NREP, DT, WT, OT>(far, b, h);
     return;
   }
+  const float cent = LUT ? load_centroid<KB, VB>(a.kcents, a.vcents) : 0.f;
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
@@ -1000,7 +1011,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
 
   if constexpr (LUT) {
-    build_luts<KB, VB>(tq_smem, VLUT_OFF, a.kcents, a.vcents);
+    build_luts<KB, VB>(tq_smem, VLUT_OFF, cent);
   }
   trace(1);
   rotate_queries<P, NREP, DT>(far, qs, b, h);
@@ -1279,6 +1290,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     window_block<P, NREP, DT, WT, OT>(far, b, h);
     return;
   }
+  const float cent = load_centroid<KB, VB>(a.kcents, a.vcents);
   const int nc = max(0, a.lengths[b] - a.W);
   const int start = s * a.chunk;
   const int end = min(nc, start + a.chunk);
@@ -1326,7 +1338,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
 
-  build_luts<KB, VB>(tq_smem, VLUT_OFF, a.kcents, a.vcents);
+  build_luts<KB, VB>(tq_smem, VLUT_OFF, cent);
   trace(1);
   rotate_queries<P, NREP, DT>(far, qs, b, h);
   // B fragments of Q^T: k = dims t P/4 + 4c + {0,1 | 2,3}, n = head 8 nh + g
