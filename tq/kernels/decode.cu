@@ -497,6 +497,29 @@ TQ_D void trace(int) {}
 // last to arrive merges the split partials (rotated space), rotates the value
 // sum back once, adds the window partial, normalizes and writes the output,
 // and resets the counter.  One launch per decode step, no reduce kernel.
+// Position of 16-byte chunk c of staged window key row `row`: rotated by the row
+// inside each group of 8 chunks (when a row holds whole groups), so that the 8 lanes
+// of a quarter-warp, scoring 8 consecutive rows, read 8 different bank groups.
+TQ_D int window_chunk(int row, int c, int cpr) { return (cpr & 7) == 0 ? (c ^ (row & 7)) : c; }
+// The 16 / sizeof(raw) elements of a 16-byte chunk of a full-precision row, as floats.
+template <int WT>
+TQ_D void chunk_floats(const uint4& c, float (&f)[16 / sizeof(typename Ty<WT>::raw)]) {
+  const u32 w[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (WT == 0) {
+      f[i] = __uint_as_float(w[i]);
+    } else if constexpr (WT == 2) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      const u16 lo = (u16)(w[i] & 0xffffu), hi = (u16)(w[i] >> 16);
+      f[2 * i] = Ty<1>::ld(&lo);
+      f[2 * i + 1] = Ty<1>::ld(&hi);
+    }
+  }
+}
+
 // ======================================================================
 // Shared memory (layout.window_smem_bytes): qo [NREP][D] | sw [NREP][W] | (16-aligned) region R:
 // staged K [W][D] while scoring, then the per-warp value sums [4][min(NREP, 4)][D] | staged V [W][D]
@@ -523,8 +546,11 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
     WTT* kst = reinterpret_cast<WTT*>(tq_smem + off_r);
     WTT* vst = reinterpret_cast<WTT*>(tq_smem + off_r + kreg);
     const int n16 = nw * a.D * (int)sizeof(WTT) / 16;
+    const int cpr = a.D * (int)sizeof(WTT) / 16;  // 16-byte chunks per row
     for (int i = tid; i < n16; i += 128) {
-      cp_async16(reinterpret_cast<u8*>(kst) + 16 * i, reinterpret_cast<const u8*>(kw) + 16 * i);
+      const int row = i / cpr, c = i - row * cpr;
+      cp_async16(reinterpret_cast<u8*>(kst) + 16 * (row * cpr + window_chunk(row, c, cpr)),
+                 reinterpret_cast<const u8*>(kw) + 16 * i);
       cp_async16(reinterpret_cast<u8*>(vst) + 16 * i, reinterpret_cast<const u8*>(vw) + 16 * i);
     }
     cp_commit();
@@ -539,6 +565,40 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
   if (a.stage) cp_wait<0>();
   __syncthreads();
   trace(8);
+  if (a.stage) {
+    // scores from the staged keys: one token per thread, RG heads at a time, 16 bytes of
+    // the row per step; the query values are the same for all lanes (broadcast reads)
+    constexpr int EPC = 16 / (int)sizeof(WTT);  // elements per chunk
+    const int cpr = a.D / EPC;
+    for (int r0 = 0; r0 < NREP; r0 += RG) {
+      for (int t = tid; t < nw; t += 128) {
+        const int row = (nc + t) % a.W;
+        const uint4* kr = reinterpret_cast<const uint4*>(kw + (i64)row * a.D);
+        float acc[RG];
+#pragma unroll
+        for (int g = 0; g < RG; ++g) acc[g] = 0.f;
+        for (int c = 0; c < cpr; ++c) {
+          float kf[EPC];
+          chunk_floats<WT>(kr[window_chunk(row, c, cpr)], kf);
+#pragma unroll
+          for (int g = 0; g < RG; ++g) {
+            const float4* qv = reinterpret_cast<const float4*>(qo + (r0 + g) * a.D + c * EPC);
+#pragma unroll
+            for (int e4 = 0; e4 < EPC / 4; ++e4) {
+              const float4 qq = qv[e4];
+              acc[g] = fmaf(qq.x, kf[4 * e4], acc[g]);
+              acc[g] = fmaf(qq.y, kf[4 * e4 + 1], acc[g]);
+              acc[g] = fmaf(qq.z, kf[4 * e4 + 2], acc[g]);
+              acc[g] = fmaf(qq.w, kf[4 * e4 + 3], acc[g]);
+            }
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < RG; ++g)
+          if (r0 + g < NREP) sw[(r0 + g) * a.W + t] = acc[g];
+      }
+    }
+  } else {
   // scores: TU tokens per warp and round, lanes over the dims, RG heads at a time
   for (int r0 = 0; r0 < NREP; r0 += RG) {
     for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
@@ -567,6 +627,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
       const float sc = warp_reduce_scatter(v);  // lane k: score of head r0 + k / TU, token t0 + k % TU
       if (lane < RG * TU && t0 + lane % TU < nw) sw[(r0 + lane / TU) * a.W + t0 + lane % TU] = sc;
     }
+  }
   }
   __syncthreads();
   trace(9);
