@@ -488,15 +488,6 @@ TQ_D void trace(int k) {
 TQ_D void trace(int) {}
 #endif
 
-// ======================================================================
-// Window block and finish.  The split grid has one more block per (kv head,
-// sequence), after all split blocks (split_role), which attends over the
-// full-precision window in the original space and stores o = sum p v, m and l
-// per query head (wpart).
-// Every block that wrote a partial then arrives on the (b, h) counter; the
-// last to arrive merges the split partials (rotated space), rotates the value
-// sum back once, adds the window partial, normalizes and writes the output,
-// and resets the counter.  One launch per decode step, no reduce kernel.
 // Position of 16-byte chunk c of staged window key row `row`: rotated by the row
 // inside each group of 8 chunks (when a row holds whole groups), so that the 8 lanes
 // of a quarter-warp, scoring 8 consecutive rows, read 8 different bank groups.
@@ -520,6 +511,15 @@ TQ_D void chunk_floats(const uint4& c, float (&f)[16 / sizeof(typename Ty<WT>::r
   }
 }
 
+// ======================================================================
+// Window block and finish.  The split grid has one more block per (kv head,
+// sequence), after all split blocks (split_role), which attends over the
+// full-precision window in the original space and stores o = sum p v, m and l
+// per query head (wpart).
+// Every block that wrote a partial then arrives on the (b, h) counter; the
+// last to arrive merges the split partials (rotated space), rotates the value
+// sum back once, adds the window partial, normalizes and writes the output,
+// and resets the counter.  One launch per decode step, no reduce kernel.
 // ======================================================================
 // Shared memory (layout.window_smem_bytes): qo [NREP][D] | sw [NREP][W] | (16-aligned) region R:
 // staged K [W][D] while scoring, then the per-warp value sums [4][min(NREP, 4)][D] | staged V [W][D]
@@ -599,35 +599,35 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
       }
     }
   } else {
-  // scores: TU tokens per warp and round, lanes over the dims, RG heads at a time
-  for (int r0 = 0; r0 < NREP; r0 += RG) {
-    for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
-      const WTT* kr[TU];
-      float part[RG][TU];
+    // unstaged: TU tokens per warp and round, lanes over the dims, RG heads at a time
+    for (int r0 = 0; r0 < NREP; r0 += RG) {
+      for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
+        const WTT* kr[TU];
+        float part[RG][TU];
 #pragma unroll
-      for (int u = 0; u < TU; ++u) {
-        kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
+        for (int u = 0; u < TU; ++u) {
+          kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
 #pragma unroll
-        for (int g = 0; g < RG; ++g) part[g][u] = 0.f;
-      }
-      for (int d = lane; d < a.D; d += 32) {
-        float kv[TU];
-#pragma unroll
-        for (int u = 0; u < TU; ++u) kv[u] = Ty<WT>::ld(kr[u] + d);
-#pragma unroll
-        for (int g = 0; g < RG; ++g) {
-          const float qd = qo[(r0 + g) * a.D + d];
-#pragma unroll
-          for (int u = 0; u < TU; ++u) part[g][u] = fmaf(qd, kv[u], part[g][u]);
+          for (int g = 0; g < RG; ++g) part[g][u] = 0.f;
         }
-      }
-      float v[32];
+        for (int d = lane; d < a.D; d += 32) {
+          float kv[TU];
 #pragma unroll
-      for (int k = 0; k < 32; ++k) v[k] = k < RG * TU ? part[k / TU][k % TU] : 0.f;
-      const float sc = warp_reduce_scatter(v);  // lane k: score of head r0 + k / TU, token t0 + k % TU
-      if (lane < RG * TU && t0 + lane % TU < nw) sw[(r0 + lane / TU) * a.W + t0 + lane % TU] = sc;
+          for (int u = 0; u < TU; ++u) kv[u] = Ty<WT>::ld(kr[u] + d);
+#pragma unroll
+          for (int g = 0; g < RG; ++g) {
+            const float qd = qo[(r0 + g) * a.D + d];
+#pragma unroll
+            for (int u = 0; u < TU; ++u) part[g][u] = fmaf(qd, kv[u], part[g][u]);
+          }
+        }
+        float v[32];
+#pragma unroll
+        for (int k = 0; k < 32; ++k) v[k] = k < RG * TU ? part[k / TU][k % TU] : 0.f;
+        const float sc = warp_reduce_scatter(v);  // lane k: score of head r0 + k / TU, token t0 + k % TU
+        if (lane < RG * TU && t0 + lane % TU < nw) sw[(r0 + lane / TU) * a.W + t0 + lane % TU] = sc;
+      }
     }
-  }
   }
   __syncthreads();
   trace(9);
@@ -682,7 +682,6 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h) {
     }
   }
 }
-
 
 // The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
 // fastest, then kv head, then sequence), the H * B after them the window blocks,
@@ -914,6 +913,7 @@ TQ_D void sfor(F& f) {
     sfor<I + 1, N>(f);
   }
 }
+__host__ __device__ constexpr int cmax(int x, int y) { return x > y ? x : y; }
 // The lane index from %laneid.  The look-up offsets OR it into every table address;
 // derived from threadIdx.x, ptxas rematerialized it as (4 tid) & 0x7c inside the
 // main loop, one extra instruction per look-up (+25% per tile in tq_split_mma).
@@ -926,7 +926,6 @@ TQ_D u32 lut_ld(u32 off) { return *reinterpret_cast<const u32*>(tq_smem + off); 
 
 // Pair table: entry e = half2 {c[e & (2^B - 1)], c[e >> B]} (two codes per
 // look-up), 32 copies per entry.  Block-wide.
-__host__ __device__ constexpr int cmax(int x, int y) { return x > y ? x : y; }
 template <int B>
 TQ_D void fill_lut(u32* lut, const float* cents) {
   constexpr int NE = 1 << (2 * B);
