@@ -16,6 +16,7 @@ phases' medians over the split blocks, the window blocks and the finishing block
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def force_splits(layer, splits):
 
 
 PHASES = ("start", "tables", "queries", "tiles", "partial", "arrived", "finished", "empty exit",
-          "staged", "scored", "softmax")
+          "staged", "scored", "values", "weights", "merged", "rotated")
 
 
 def trace_launch(layer, q, impl):
@@ -54,21 +55,33 @@ def trace_launch(layer, q, impl):
     layer.decode_attention(q, impl=impl)
     torch.cuda.synchronize()
     tr = cp.asnumpy(buf).astype(np.int64)
-    nblk = (layer._plans[next(iter(layer._plans))][0] + 1) * layer.num_kv_heads * layer.batch
+    splits = layer._plans[next(iter(layer._plans))][0]
+    wblocks = [v for k, v in layer._smem_plans.items() if k[2] == splits][-1][1]
+    pairs = layer.num_kv_heads * layer.batch
+    nblk = (splits + wblocks) * pairs
     tr = tr[:nblk, :len(PHASES)]
     t0 = tr[:, 0].min()
     us = np.where(tr > 0, (tr - t0) / 1e3, np.nan)
-    nsb = nblk - layer.num_kv_heads * layer.batch
+    nsb = splits * pairs
     split, win = us[:nsb], us[nsb:]
     fin = us[~np.isnan(us[:, 6])]
     med = lambda a, k: float(np.nanmedian(a[:, k])) if np.isfinite(a[:, k]).any() else float("nan")  # noqa: E731
-    return dict(blocks=int(nblk), split_blocks=int(nsb),
+    return dict(blocks=int(nblk), split_blocks=int(nsb), window_blocks=int(nblk - nsb),
                 split={PHASES[k]: med(split, k) for k in range(8)},
                 split_last_start=float(np.nanmax(split[:, 0])) if nsb else float("nan"),
-                win_blocks={n: med(win, k) for n, k in (('start', 0), ('staged', 8), ('scored', 9), ('softmax', 10),
-                                                    ('values', 1), ('arrived', 5), ('finished', 6))},
-                finish={PHASES[k]: med(fin, k) for k in (0, 4, 5, 6)},
+                win_blocks={n: med(win, k) for n, k in (('start', 0), ('staged', 8), ('scored', 9), ('values', 10),
+                                                    ('arrived', 5), ('finished', 6))},
+                finish={PHASES[k]: med(fin, k) for k in (0, 4, 5, 11, 12, 13, 6)},
                 end=float(np.nanmax(us[:, 6])))
+
+
+def presets(args):
+    """[(name, (key_bits, value_bits))] from --presets "K4/V4,K3/V2"."""
+    out = []
+    for name in args.presets.split(","):
+        k, v = name.upper().split("/")
+        out.append((name, (int(k[1:]), int(v[1:]))))
+    return out
 
 
 def run_trace(args):
@@ -78,18 +91,18 @@ def run_trace(args):
 
     q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
     out = []
-    for impl in args.impls.split(","):
+    for impl, (preset, (kb, vb)) in itertools.product(args.impls.split(","), presets(args)):
         for window, ctx in ((128, 1), (0, 64), (128, 4096), (128, 32768)):
-            layer = PackedKVLayer(HKV, D, 4, 4, seed=1, window=window, batch=1, capacity=ctx + 64)
+            layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=1, capacity=ctx + 64)
             k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
             layer.append(k, torch.randn_like(k))
             for _ in range(3):
                 layer.decode_attention(q, impl=impl)
             r = trace_launch(layer, q, impl)
-            r.update(impl=impl, window=window, ctx=ctx)
+            r.update(impl=impl, preset=preset, window=window, ctx=ctx)
             out.append(r)
             f = lambda d: " ".join(f"{k} {v:.1f}" for k, v in d.items())  # noqa: E731
-            log(f"{impl} W={window} ctx={ctx}: {r['blocks']} blocks, end {r['end']:.1f} us, "
+            log(f"{impl} {preset} W={window} ctx={ctx}: {r['blocks']} blocks, end {r['end']:.1f} us, "
                 f"last split start {r['split_last_start']:.1f}")
             log(f"   split  : {f(r['split'])}")
             log(f"   window : {f(r['win_blocks'])}")
@@ -110,6 +123,7 @@ def main():
     ap.add_argument("--contexts", default="1,64,256,1024,4096,32768,131072")
     ap.add_argument("--windows", default="128,0")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
+    ap.add_argument("--presets", default="K4/V4", help='key/value bits, e.g. "K4/V4,K3/V2"')
     args = ap.parse_args()
     if args.trace:
         os.environ["TQ_DECODE_DEFINES"] = (os.environ.get("TQ_DECODE_DEFINES", "") + " -DTQ_TRACE=1").strip()
@@ -125,27 +139,27 @@ def main():
     t_empty = bench(lambda: x.add_(1))
     rows.append(dict(case="empty torch op", ms=t_empty))
     log(f"empty op {t_empty * 1e3:.1f} us")
-    for impl in args.impls.split(","):
+    for impl, (preset, (kb, vb)) in itertools.product(args.impls.split(","), presets(args)):
         for window in map(int, args.windows.split(",")):
             for ctx in map(int, args.contexts.split(",")):
                 if window == 0 and ctx < 64:
                     continue
-                layer = PackedKVLayer(HKV, D, 4, 4, seed=1, window=window, batch=1, capacity=ctx + 64)
+                layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=1, capacity=ctx + 64)
                 k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
                 layer.append(k, torch.randn_like(k))
                 layer.decode_attention(q, impl=impl)
                 plan = next(iter(layer._plans.values()), (0, 0))
                 t = bench(lambda: layer.decode_attention(q, impl=impl))
-                rows.append(dict(case="context", impl=impl, window=window, ctx=ctx, splits=plan[0],
-                                 chunk=plan[1], ms=t))
-                log(f"{impl} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
+                rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx,
+                                 splits=plan[0], chunk=plan[1], ms=t))
+                log(f"{impl} {preset} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
                 if ctx in (4096, 32768) and window == 128 and not args.no_forced:
-                    for sp in (1, 2, 4, 8, 16, 31, 64, 128):
+                    for sp in (4, 8, 16, 24, 32, 48, 64):
                         force_splits(layer, sp)
                         splits, chunk = next(iter(layer._plans.values()))
                         t = bench(lambda: layer.decode_attention(q, impl=impl))
-                        rows.append(dict(case="forced splits", impl=impl, window=window, ctx=ctx,
-                                         splits=splits, chunk=chunk, ms=t))
+                        rows.append(dict(case="forced splits", impl=impl, preset=preset, window=window,
+                                         ctx=ctx, splits=splits, chunk=chunk, ms=t))
                         log(f"  forced splits {splits} (chunk {chunk}): {t * 1e3:.1f} us")
                 del layer, k
     env = environment(("torch", "triton", "cupy"))
@@ -154,12 +168,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, args.stem + ".json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
-    lines = [f"# Decode latency probe (batch 1, {HQ} q / {HKV} kv heads, d {D}, K4/V4)", ""]
+    lines = [f"# Decode latency probe (batch 1, {HQ} q / {HKV} kv heads, d {D})", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     lines += [f"Empty torch op under the same timer: {t_empty * 1e3:.1f} us", ""]
-    lines += ["| impl | window | context | splits | chunk | forced | time (us) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| impl | preset | window | context | splits | chunk | forced | time (us) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
-        lines.append(f"| {r['impl']} | {r['window']} | {r['ctx']} | {r['splits']} | {r['chunk']} | "
+        lines.append(f"| {r['impl']} | {r['preset']} | {r['window']} | {r['ctx']} | {r['splits']} | {r['chunk']} | "
                      f"{'yes' if r['case'] == 'forced splits' else ''} | {r['ms'] * 1e3:.1f} |")
     with open(os.path.join(args.out, args.stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")

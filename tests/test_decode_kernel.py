@@ -53,6 +53,19 @@ def test_plan_splits_covers(batch):
         assert s <= 1024
 
 
+def test_plan_splits_model():
+    """The planner's three terms: waves of blocks, window blocks crowded out of a single
+    wave, and the finishing block's merge batches of 16 split partials."""
+    # 256 pairs on 396 slots: three splits fill two waves instead of leaving a third idle
+    assert L.plan_splits(32640, 32, 8) == (3, 10880)
+    # batch 1, 4K tokens: 16 splits (one merge batch) rather than 31 (two)
+    assert L.plan_splits(3968, 1, 8, window_blocks=4) == (16, 256)
+    # batch 1, 32K tokens: 47 splits fill 376 of 396 slots; with 4 window blocks per pair they would
+    # not fit beside them, so the planner takes 32 splits (288 blocks with the window blocks)
+    assert L.plan_splits(32640, 1, 8, window_blocks=0) == (47, 704)
+    assert L.plan_splits(32640, 1, 8, window_blocks=4) == (32, 1024)
+
+
 def _emulate_lut8(x: np.ndarray, tab: np.ndarray, bits: int) -> np.ndarray:
     """NumPy model of tq_lut8 (decode_common.cuh): 8 codes per int -> 8 fp16 bit patterns."""
     def prmt(a, b, s):
@@ -314,13 +327,25 @@ def test_decode_head_dims(d, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nrep", [1, 3, 8, 16])
+@pytest.mark.parametrize("nrep", [1, 3, 8, 12, 16])
 def test_decode_gqa_groups_and_window_edges(nrep):
     torch = _gpu()
     for impl in ("fma", "mma", "mmt"):
         for w, lens in [(0, [300, 64]), (128, [100, 1]), (128, [128, 129])]:
             err, _, _ = _decode_case(torch, 128, 4, 4, lens, w, nrep, impl, hkv=2)
             assert err < (2e-5 if impl == "fma" else 3e-3), (nrep, impl, w, lens, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [33, 100])
+def test_decode_unaligned_rows_and_partial_window_blocks(d):
+    """Rows of 66 and 200 bytes (window staged element by element) and windows that
+    do not divide into 32-token blocks (100 slots: 4 blocks of 25; 40: 2 of 20)."""
+    torch = _gpu()
+    for impl in ("fma", "mma", "mmt"):
+        for w, lens in [(100, [250, 37, 100]), (40, [41, 3, 0])]:
+            err, out, _ = _decode_case(torch, d, 4, 2, lens, w, 3, impl)
+            assert torch.isfinite(out).all() and err < (2e-5 if impl == "fma" else 3e-3), (d, impl, w, lens, err)
 
 
 @pytest.mark.gpu
@@ -340,26 +365,28 @@ def test_decode_bf16_query_and_output():
 
 
 def test_split_smem_plan():
-    """The window block stages K/V only where the main loop's shared memory already covers it."""
-    from tq.cuda.layout import finish_smem_bytes, mma_smem_bytes, split_smem_plan, window_smem_bytes
+    """Window blocks of at most 32 tokens, fewer tokens only where staging would cost the split
+    blocks occupancy; the launch's shared memory covers every role of the grid."""
+    from tq.cuda.layout import (finish_smem_bytes, mma_smem_bytes, smem_share, split_smem_plan,
+                                window_plan, window_smem_bytes)
 
-    base = mma_smem_bytes(128, 4, 4, 4)                       # about 72 KiB
-    need, stage = split_smem_plan(base, 128, 4, 128, 128, 40, 2)
-    assert stage and need == base                             # bf16 window: staged for free
-    need, stage = split_smem_plan(base, 128, 4, 128, 128, 40, 4)
-    assert not stage and need == base                         # float32 window: read from L2
-    small = mma_smem_bytes(128, 3, 2, 4)                      # K3/V2: about 38 KiB
-    need, stage = split_smem_plan(small, 128, 4, 128, 128, 40, 2)
-    assert stage and need == window_smem_bytes(4, 128, 128, 2, True) <= 227 * 1024 // 3
-    need, stage = split_smem_plan(base, 128, 4, 33, 128, 40, 2)
-    assert not stage                                          # 66-byte rows: no 16-byte copies
-    need, stage = split_smem_plan(1024, 128, 4, 128, 0, 40, 2)
-    assert not stage and need >= max(window_smem_bytes(4, 128, 0, 2, False), finish_smem_bytes(128, 4, 40))
+    # D4 = 128: queries 4 x 128, weights 4 x 32, K and V rows of 132 floats
+    assert window_smem_bytes(4, 128, 32) == 4 * (4 * 128 + 4 * 32 + 2 * 32 * 132)
+    assert window_smem_bytes(1, 33, 8) == 4 * (36 + 32 + 2 * 8 * 40)    # odd head_dim: rows padded to 36 + 4
+    base = mma_smem_bytes(128, 4, 4, 4)                                  # about 72 KiB
+    need, wblocks = split_smem_plan(base, 128, 4, 128, 128, 40)
+    assert wblocks == 4 and need == base                                 # 4 blocks of 32 tokens, staged for free
+    assert window_plan(100, 4, 128, base) == (4, 25)                     # 100 slots: 4 blocks of 25 tokens
+    assert window_plan(1, 4, 128, base) == (1, 1)
+    assert window_plan(0, 4, 128, base) == (1, 1)                        # no window: one (empty) block reports
+    # 16 heads of 256 dims: 32 staged rows exceed the share of one of 3 blocks, so 16-token blocks
+    big = window_smem_bytes(16, 256, 32)
+    assert big > smem_share(3) >= window_smem_bytes(16, 256, 16)
+    need, wblocks = split_smem_plan(1024, 256, 16, 256, 128, 40)
+    assert wblocks == 8 and need == window_smem_bytes(16, 256, 16)
     # the last block's merge scratch grows with the splits
-    need, _ = split_smem_plan(base, 256, 16, 256, 128, 1024, 2)
+    need, _ = split_smem_plan(base, 256, 16, 256, 128, 1024)
     assert need >= finish_smem_bytes(256, 16, 1024) == 4 * 1024 * 16
-    assert window_smem_bytes(4, 128, 128, 2, True) == 4 * 4 * 256 + 2 * 128 * 128 * 2
-    assert window_smem_bytes(4, 128, 8, 2, True) == 4 * 4 * 136 + 16 * 4 * 128 + 8 * 128 * 2
 
 
 def test_mmt_config_and_kernel_choice(monkeypatch):

@@ -94,8 +94,8 @@ class PackedKVLayer:
         self._counters = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
-        self._plans: dict = {}       # (nc_max, blocks per SM) -> (splits, chunk)
-        self._smem_plans: dict = {}  # (impl, n_rep, splits) -> (shared memory, stage)
+        self._plans: dict = {}       # (nc_max, blocks per SM, impl, n_rep) -> (splits, chunk)
+        self._smem_plans: dict = {}  # (impl, n_rep, splits) -> (shared memory, window blocks)
         self._launchers: dict = {}
         self._sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
@@ -258,20 +258,22 @@ class PackedKVLayer:
         self._host_len = new_len
 
     # ------------------------------------------------------------ decode
-    def _smem_plan(self, which: str, nrep: int, splits: int, mod) -> tuple[int, bool]:
-        """(dynamic shared memory, stage the window?) of a split launch, computed once per shape."""
+    def _base_smem(self, which: str, nrep: int, mod) -> int:
+        """Dynamic shared memory of the split kernel's main loop."""
+        P, kb, vb = self.p, self.key_bits, self.value_bits
+        if which == "mmt":
+            return mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages)
+        if which in ("mma", "mma_v1"):
+            return mma_smem_bytes(P, kb, vb, nrep, lut=(which == "mma"))
+        return fma_smem_bytes(P, kb, vb, nrep)
+
+    def _smem_plan(self, which: str, nrep: int, splits: int, mod) -> tuple[int, int]:
+        """(dynamic shared memory, window blocks per pair) of a split launch, computed once per shape."""
         key = (which, nrep, splits)
         plan = self._smem_plans.get(key)
         if plan is None:
-            P, kb, vb = self.p, self.key_bits, self.value_bits
-            if which == "mmt":
-                base = mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages)
-            elif which in ("mma", "mma_v1"):
-                base = mma_smem_bytes(P, kb, vb, nrep, lut=(which == "mma"))
-            else:
-                base = fma_smem_bytes(P, kb, vb, nrep)
-            plan = split_smem_plan(base, P, nrep, self.head_dim, self.window, splits, self.kwin.element_size(),
-                                   blocks_per_sm=self._blocks_per_sm(which, mod))
+            plan = split_smem_plan(self._base_smem(which, nrep, mod), self.p, nrep, self.head_dim, self.window,
+                                   splits, blocks_per_sm=self._blocks_per_sm(which, mod))
             self._smem_plans[key] = plan
         return plan
 
@@ -346,14 +348,18 @@ class PackedKVLayer:
         mod = self._module("decode", nrep, qt, ot)
         which = impl
         bps = self._blocks_per_sm(which, mod)
-        plan = self._plans.get((nc_max, bps))
+        plan = self._plans.get((nc_max, bps, which, nrep))
         if plan is None:
-            plan = plan_splits(nc_max, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=bps)
-            self._plans[(nc_max, bps)] = plan
+            _, wblocks = self._smem_plan(which, nrep, 0, mod)  # the window plan does not depend on the splits
+            plan = plan_splits(nc_max, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=bps,
+                               window_blocks=wblocks if self.window > 0 else 0)
+            self._plans[(nc_max, bps, which, nrep)] = plan
         splits, chunk = plan
         H, P = self.num_kv_heads, self.p
+        smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
+        smem, wblocks = self._smem_plan(which, nrep, splits, mod)
         npart = self.batch * H * max(splits, 1) * nrep
-        ws = self._workspace(npart * (P + 2) + self.batch * H * nrep * (self.head_dim + 2))
+        ws = self._workspace(npart * (P + 2) + self.batch * H * wblocks * nrep * (self.head_dim + 2))
         opart = ws.data_ptr()
         mpart = opart + 4 * npart * P
         lpart = mpart + 4 * npart
@@ -361,8 +367,6 @@ class PackedKVLayer:
         qs0, qs1 = q.stride(0), q.stride(1)
         qptr, optr = q.data_ptr(), out.data_ptr()
         so0, so1 = out.stride(0), out.stride(1)
-        smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
-        smem, stage = self._smem_plan(which, nrep, splits, mod)
 
         def sargs():
             return (B.ptr(q), B.i64(qs0), B.i64(qs1), B.ptr(self.kcodes),
@@ -372,11 +376,11 @@ class PackedKVLayer:
                     B.i64(self.rows), B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
                     B.i32(splits), qscale, B.ptr(self._counters), np.uint64(wpart), B.ptr(self.kwin),
                     B.ptr(self.vwin), B.ptr(self._vsigns), B.ptr(out), B.i64(so0), B.i64(so1),
-                    B.i32(int(stage)))
-        # one-dimensional grid: the split blocks, then one window block per (kv head,
+                    B.i32(wblocks))
+        # one-dimensional grid: the split blocks, then wblocks window blocks per (kv head,
         # sequence); the last block of each pair to finish writes the output
         # (tq/kernels/decode.cu, split_role / arrive_last)
-        self._launch(smod, which, ((splits + 1) * H * self.batch,), (128,), sargs, smem,
+        self._launch(smod, which, ((splits + wblocks) * H * self.batch,), (128,), sargs, smem,
                      key=(which, nrep, qt, ot, splits, chunk),
                      updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
                               (22, float(qscale)), (24, wpart), (28, optr), (29, so0), (30, so1)))

@@ -15,7 +15,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "window_smem_bytes", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "window_plan", "WINDOW_BLOCK_TOKENS", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -84,18 +84,25 @@ def max_context(free_bytes: int, *, num_layers: int, num_kv_heads: int, head_dim
 
 def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
                 blocks_per_sm: int = 3, min_chunk: int = 128, max_splits: int = 1024,
-                block_overhead_tokens: int = 256) -> tuple[int, int]:
+                block_overhead_tokens: int = 256, window_blocks: int = 0,
+                merge_batch_tokens: int = 256) -> tuple[int, int]:
     """(splits, chunk) for flash-decoding over ``nc_max`` compressed tokens.
 
     Every (sequence, kv head) gets ``splits`` blocks of ``chunk`` tokens (a multiple
     of 64: four warps of 16-token tiles, never below ``min_chunk`` unless one split
-    covers everything).  The choice minimizes the modelled time
-    ``waves * (chunk + block_overhead_tokens)``, where a wave is one round of
-    ``num_sms * blocks_per_sm`` resident blocks: one split per sequence and head
-    leaves most of the GPU idle when batch * heads is a little under one wave, and
-    a few splits more fill two full waves instead (e.g. 256 pairs on 396 slots:
-    three splits run 1.5x faster than one).  The window blocks of the launch are
-    short and scheduled last, so they are not counted.
+    covers everything).  The choice minimizes a modelled time in token units:
+
+    - ``waves * (chunk + block_overhead_tokens)``, a wave being one round of
+      ``num_sms * blocks_per_sm`` resident blocks: one split per sequence and head
+      leaves most of the GPU idle when batch * heads is a little under one wave, and
+      a few splits more fill two full waves instead (e.g. 256 pairs on 396 slots:
+      three splits run 1.5x faster than one);
+    - one more block overhead when the grid is a single wave of split blocks but
+      its ``window_blocks`` per pair do not fit beside them (they would wait for a
+      split block to leave);
+    - ``merge_batch_tokens`` per 16 splits: the finishing block loads 16 split
+      partials per L2 round trip (tq/kernels/decode.cu, finish).  Measured on an
+      H200 at batch 1 and 4K tokens: 16 splits 18.0 us, 31 splits 18.7 us.
     """
     if nc_max <= 0:
         return 0, ROW_ALIGN
@@ -112,7 +119,10 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
         c = chunk_for(sp)
         sp_eff = -(-nc_max // c)                       # splits that hold tokens
         waves = -(-(sp_eff * pairs) // slots)
-        cost = (waves * (c + block_overhead_tokens), sp_eff)
+        crowded = waves == 1 and (sp_eff + window_blocks) * pairs > slots
+        t = (waves * (c + block_overhead_tokens) + (block_overhead_tokens if crowded else 0)
+             + merge_batch_tokens * -(-sp_eff // 16))
+        cost = (t, sp_eff)
         if best is None or cost < best[0]:
             best = (cost, sp_eff, c)
     _, splits, chunk = best
@@ -131,8 +141,10 @@ def _tensor_core_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, lu
     luts = 0
     if lut:
         luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
-    # the token groups' value sums [ng][nrep][p] (fp32) reuse the tables, pipeline and fragments at the end
-    head = max(luts + 4 * stages * tile + query_fragment_bytes, ng * nrep * p * 4)
+    # the token groups' value sums [ng][nrep][p] (fp32, one float of padding per 32: slice_at in
+    # decode.cu) reuse the tables, pipeline and fragments at the end
+    sums = ng * nrep * p
+    head = max(luts + 4 * stages * tile + query_fragment_bytes, 4 * (sums + sums // 32))
     return head + nrep * p * 4 + 2 * ng * 16 * 4
 
 
@@ -147,17 +159,31 @@ def fma_smem_bytes(p: int, kb: int, vb: int, nrep: int) -> int:
     return 4 * floats + 4 * (tile * (p * vb // 32) + 1)
 
 
-def window_smem_bytes(nrep: int, head_dim: int, window: int, dtype_bytes: int, stage: bool) -> int:
-    """The window block of the split grid (tq/kernels/decode.cu, window_partial):
-    scaled queries [NREP][D] and weights [NREP][W] (float32), then a 16-byte aligned
-    region for the per-warp value sums [4][min(NREP, 4)][D] (float32), which holds the
-    staged K rows first when ``stage``, then the staged V rows."""
-    off = -(-(4 * nrep * (head_dim + window)) // 16) * 16
-    sums = 16 * min(nrep, 4) * head_dim
-    if not stage:
-        return off + sums
-    rows = window * head_dim * dtype_bytes
-    return off + -(-max(rows, sums) // 16) * 16 + rows
+#: most window tokens one window block attends over (tq/kernels/decode.cu, window_partial:
+#: one token per lane for the scores)
+WINDOW_BLOCK_TOKENS = 32
+
+
+def window_smem_bytes(nrep: int, head_dim: int, tokens: int) -> int:
+    """A window block of the split grid (tq/kernels/decode.cu, window_partial), float32:
+    scaled queries [NREP][D4], weights [NREP][32], then its ``tokens`` staged K and V
+    rows [tokens][D4 + 4] each (D4 = head_dim rounded up to a multiple of 4)."""
+    d4 = -(-head_dim // 4) * 4
+    return 4 * (nrep * d4 + nrep * WINDOW_BLOCK_TOKENS + 2 * tokens * (d4 + 4))
+
+
+def window_plan(window: int, nrep: int, head_dim: int, budget: int) -> tuple[int, int]:
+    """(window blocks per (sequence, kv head), tokens per block) for a window of
+    ``window`` slots: blocks of at most 32 tokens (fewer, down to 1, while the staged
+    rows would exceed ``budget`` bytes of shared memory), so that at small batch the
+    window is scored by several blocks in parallel instead of one long block."""
+    if window <= 0:
+        return 1, 1
+    tokens = WINDOW_BLOCK_TOKENS
+    while tokens > 1 and window_smem_bytes(nrep, head_dim, tokens) > budget:
+        tokens //= 2
+    blocks = -(-window // tokens)
+    return blocks, -(-window // blocks)
 
 
 def finish_smem_bytes(p: int, nrep: int, splits: int) -> int:
@@ -221,16 +247,14 @@ def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int) -
 
 
 def split_smem_plan(base: int, p: int, nrep: int, head_dim: int, window: int, splits: int,
-                    dtype_bytes: int, blocks_per_sm: int = 3) -> tuple[int, bool]:
-    """(dynamic shared memory, stage the window?) for a split launch whose main loop
-    needs ``base`` bytes: the window block stages K and V (16-byte copies) when that
-    fits in the larger of ``base`` and the share of one of ``blocks_per_sm``
-    resident blocks, so staging never costs occupancy."""
-    stage = (window > 0 and (head_dim * dtype_bytes) % 16 == 0
-             and window_smem_bytes(nrep, head_dim, window, dtype_bytes, True) <= max(base, smem_share(blocks_per_sm)))
-    need = max(base, window_smem_bytes(nrep, head_dim, window, dtype_bytes, stage),
-               finish_smem_bytes(p, nrep, splits))
-    return need, stage
+                    blocks_per_sm: int = 3) -> tuple[int, int]:
+    """(dynamic shared memory, window blocks per pair) for a split launch whose main
+    loop needs ``base`` bytes.  The window blocks stage their rows within the larger
+    of ``base`` and the share of one of ``blocks_per_sm`` resident blocks, so the
+    window never costs the split blocks occupancy (``window_plan``)."""
+    wblocks, tokens = window_plan(window, nrep, head_dim, max(base, smem_share(blocks_per_sm)))
+    need = max(base, window_smem_bytes(nrep, head_dim, tokens), finish_smem_bytes(p, nrep, splits))
+    return need, wblocks
 
 
 def lut_words(centroids: np.ndarray, bits: int) -> np.ndarray:

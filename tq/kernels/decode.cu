@@ -319,25 +319,6 @@ __global__ void __launch_bounds__(64) tq_store(
   }
 }
 
-// 32 sums at once: lane l returns the sum over the warp of v[l].  A reduce-scatter
-// (each step sends half of the remaining values to the partner lane): 31 shuffles
-// in 5 dependent steps, where 32 warp_sum calls take 160 in 32 chains of 5 (the
-// window block's scoring was bound by their latency: ~8 us for 128 tokens).
-TQ_D float warp_reduce_scatter(float (&v)[32]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) {
-    const bool up = lane & o;
-#pragma unroll
-    for (int i = 0; i < o; ++i) {
-      const float send = up ? v[i] : v[i + o];
-      const float keep = up ? v[i + o] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-    }
-  }
-  return v[0];
-}
-
 // ======================================================================
 // Decode, split kernels.  Shared arguments.
 // ======================================================================
@@ -354,22 +335,22 @@ struct SplitArgs {
   float qscale;                              // softmax scale * log2(e)
   // finishing (see "Window block and finish" below)
   int* counters;                             // [B, H] arrivals, zero between calls
-  float* wpart;                              // [B, H, NREP, D + 2] window partial (o, m, l)
+  float* wpart;                              // [B, H, wblocks, NREP, D + 2] window partials (o, m, l)
   const void* kwin; const void* vwin;        // [B, H, W, D] full-precision ring buffers
   const float* vsigns;                       // (2, P) value rotation signs
   void* out; i64 sob, soh;                   // [B, Hq, D] output (element strides)
-  int stage;                                 // 1: the window block stages K/V in shared memory
+  int wblocks;                               // window blocks per (kv head, sequence)
 };
 #define TQ_SPLIT_PARAMS                                                                          \
   const void *q, i64 sqb, i64 sqh, const u8 *kcodes, const u16 *knorms, const u8 *vcodes,         \
       const u16 *vnorms, const int *lengths, const float *ksigns, const u32 *ktab_, const u32 *vtab_, \
       const float *kcents, const float *vcents, float *opart, float *mpart, float *lpart, i64 cap, \
       int H, int D, int W, int chunk, int splits, float qscale, int *counters, float *wpart,       \
-      const void *kwin, const void *vwin, const float *vsigns, void *out, i64 sob, i64 soh, int stage
+      const void *kwin, const void *vwin, const float *vsigns, void *out, i64 sob, i64 soh, int wblocks
 #define TQ_SPLIT_ARGS                                                                            \
   {q, sqb, sqh, kcodes, knorms, vcodes, vnorms, lengths, ksigns, ktab_, vtab_, kcents, vcents,   \
    opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale, counters, wpart, kwin, vwin, vsigns, \
-   out, sob, soh, stage}
+   out, sob, soh, wblocks}
 
 // The split kernels' arguments as one struct.  The out-of-line functions
 // (window_block, split_done) take it by reference; a reference to the kernel's
@@ -474,7 +455,8 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 // %globaltimer at phase k in tq_trace[block][k]; compiled out otherwise.  Phases:
 // 0 start, 1 tables built (split) / window partial done, 2 queries ready, 3 tiles
 // done, 4 partial stored, 5 arrived, 6 finished, 7 empty split, window block: 8
-// staged, 9 scored, 10 softmax.
+// staged, 9 scored (with the softmax), 10 values; finish (warp 0): 11 weights'
+// max, 12 split partials summed, 13 rotated back.
 #ifdef TQ_TRACE
 __device__ unsigned long long tq_trace[4096][16];
 TQ_D void trace(int k) {
@@ -488,10 +470,6 @@ TQ_D void trace(int k) {
 TQ_D void trace(int) {}
 #endif
 
-// Position of 16-byte chunk c of staged window key row `row`: rotated by the row
-// inside each group of 8 chunks (when a row holds whole groups), so that the 8 lanes
-// of a quarter-warp, scoring 8 consecutive rows, read 8 different bank groups.
-TQ_D int window_chunk(int row, int c, int cpr) { return (cpr & 7) == 0 ? (c ^ (row & 7)) : c; }
 // The 16 / sizeof(raw) elements of a 16-byte chunk of a full-precision row, as floats.
 template <int WT>
 TQ_D void chunk_floats(const uint4& c, float (&f)[16 / sizeof(typename Ty<WT>::raw)]) {
@@ -512,192 +490,148 @@ TQ_D void chunk_floats(const uint4& c, float (&f)[16 / sizeof(typename Ty<WT>::r
 }
 
 // ======================================================================
-// Window block and finish.  The split grid has one more block per (kv head,
-// sequence), after all split blocks (split_role), which attends over the
-// full-precision window in the original space and stores o = sum p v, m and l
-// per query head (wpart).
+// Window blocks and finish.  The split grid ends with `wblocks` blocks per (kv
+// head, sequence) (split_role); window block j attends over the window tokens
+// [j WB, (j + 1) WB) (WB = window_tokens <= 32, chosen by layout.split_smem_plan)
+// in the original space and stores o = sum p v, m and l per query head (wpart
+// [B, H, wblocks, NREP, D + 2]).  Several short blocks rather than one per pair:
+// at batch 1 a single 128-token window block was the launch's critical path
+// (staging, scores and values one after the other, ~11 us at 4K tokens).
 // Every block that wrote a partial then arrives on the (b, h) counter; the
 // last to arrive merges the split partials (rotated space), rotates the value
-// sum back once, adds the window partial, normalizes and writes the output,
+// sum back once, adds the window partials, normalizes and writes the output,
 // and resets the counter.  One launch per decode step, no reduce kernel.
 // ======================================================================
-// Shared memory (layout.window_smem_bytes): qo [NREP][D] | sw [NREP][W] | (16-aligned) region R:
-// staged K [W][D] while scoring, then the per-warp value sums [4][min(NREP, 4)][D] | staged V [W][D]
-// (R and V only when a.stage; otherwise R holds the value sums alone)
-template <int P, int NREP, int DT, int WT>
-TQ_D void window_partial(const SplitArgs& a, int b, int h) {
+TQ_D int window_tokens(const SplitArgs& a) { return a.W > 0 ? (a.W + a.wblocks - 1) / a.wblocks : 1; }
+// Window blocks of sequence b that hold tokens; block 0 always reports (an empty
+// window gives m = -inf, l = 0, o = 0), so every pair has at least one arrival.
+TQ_D int wblocks_used(const SplitArgs& a, int b) {
+  const int nw = min(a.lengths[b], a.W), wb = window_tokens(a);
+  return max(1, (nw + wb - 1) / wb);
+}
+// Shared memory (layout.window_smem_bytes), float32, sections 16-byte aligned:
+// qo [NREP][D4] | sw [NREP][32] | K [WB][DP] | V [WB][DP], D4 = D rounded up to 4
+// (zero-padded), DP = D4 + 4: the lanes of a quarter-warp read K rows whose
+// 16-byte pieces fall in different banks.
+template <int NREP, int DT, int WT>
+TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
   typedef typename Ty<DT>::raw QT;
   typedef typename Ty<WT>::raw WTT;
-  constexpr int RG = NREP < 4 ? NREP : 4;  // heads per pass (register budget)
-  constexpr int TU = 8;                    // tokens per warp and round (scores)
-  constexpr int NDI = P / 32;              // dims per lane (values); D <= P
-  static_assert(RG * TU <= 32, "one score per lane after the reduce-scatter");
+  constexpr int EPC = 16 / (int)sizeof(WTT);  // elements per 16-byte piece
+  constexpr int RG = NREP < 8 ? NREP : 8;     // heads per pass of the value loop
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int L = a.lengths[b], nc = max(0, L - a.W), nw = L - nc;  // window = slots [0, nw)
+  const int D = a.D, D4 = (D + 3) & ~3, DP = D4 + 4;
+  const int L = a.lengths[b], nc = max(0, L - a.W), nw = L - nc;  // window: positions nc .. L-1
+  const int WB = window_tokens(a), t0 = j * WB, nt = max(0, min(nw - t0, WB));
   const i64 bh = (i64)b * a.H + h;
   float* qo = reinterpret_cast<float*>(tq_smem);
-  float* sw = qo + NREP * a.D;
-  const int off_r = (4 * NREP * (a.D + a.W) + 15) & ~15;
-  const int kreg = (max(a.W * a.D * (int)sizeof(WTT), 16 * RG * a.D) + 15) & ~15;
-  float* red = reinterpret_cast<float*>(tq_smem + off_r);
-  const WTT* kw = (const WTT*)a.kwin + bh * a.W * a.D;
-  const WTT* vw = (const WTT*)a.vwin + bh * a.W * a.D;
-  if (a.stage) {
-    WTT* kst = reinterpret_cast<WTT*>(tq_smem + off_r);
-    WTT* vst = reinterpret_cast<WTT*>(tq_smem + off_r + kreg);
-    const int n16 = nw * a.D * (int)sizeof(WTT) / 16;
-    const int cpr = a.D * (int)sizeof(WTT) / 16;  // 16-byte chunks per row
-    for (int i = tid; i < n16; i += 128) {
-      const int row = i / cpr, c = i - row * cpr;
-      cp_async16(reinterpret_cast<u8*>(kst) + 16 * (row * cpr + window_chunk(row, c, cpr)),
-                 reinterpret_cast<const u8*>(kw) + 16 * i);
-      cp_async16(reinterpret_cast<u8*>(vst) + 16 * i, reinterpret_cast<const u8*>(vw) + 16 * i);
+  float* sw = qo + NREP * D4;
+  float* ks = sw + NREP * 32;
+  float* vs = ks + WB * DP;
+  const WTT* kw = (const WTT*)a.kwin + bh * a.W * D;
+  const WTT* vw = (const WTT*)a.vwin + bh * a.W * D;
+  // stage this block's K and V rows as float32, and the scaled queries (all loads in flight together)
+  if ((D * (int)sizeof(WTT)) % 16 == 0) {
+    const int cpr = D / EPC;
+#pragma unroll 4
+    for (int i = tid; i < nt * cpr; i += 128) {
+      const int t = i / cpr, c = i - t * cpr;
+      const i64 row = (nc + t0 + t) % a.W;
+      const uint4 kq = __ldg(reinterpret_cast<const uint4*>(kw + row * D) + c);
+      const uint4 vq = __ldg(reinterpret_cast<const uint4*>(vw + row * D) + c);
+      float kf[EPC], vf[EPC];
+      chunk_floats<WT>(kq, kf);
+      chunk_floats<WT>(vq, vf);
+#pragma unroll
+      for (int e = 0; e < EPC; e += 4) {
+        *reinterpret_cast<float4*>(ks + t * DP + c * EPC + e) = make_float4(kf[e], kf[e + 1], kf[e + 2], kf[e + 3]);
+        *reinterpret_cast<float4*>(vs + t * DP + c * EPC + e) = make_float4(vf[e], vf[e + 1], vf[e + 2], vf[e + 3]);
+      }
     }
-    cp_commit();
-    kw = kst;
-    vw = vst;
+  } else {  // rows not 16-byte aligned (odd head_dim): element copies, zero padding
+    for (int i = tid; i < nt * D4; i += 128) {
+      const int t = i / D4, d = i - t * D4;
+      const i64 row = (nc + t0 + t) % a.W;
+      ks[t * DP + d] = d < D ? Ty<WT>::ld(kw + row * D + d) : 0.f;
+      vs[t * DP + d] = d < D ? Ty<WT>::ld(vw + row * D + d) : 0.f;
+    }
   }
   const QT* q = (const QT*)a.q + b * a.sqb + (i64)h * NREP * a.sqh;
-  for (int i = tid; i < NREP * a.D; i += 128) {
-    const int r = i / a.D, d = i - r * a.D;
-    qo[i] = Ty<DT>::ld(q + r * a.sqh + d) * a.qscale;
+  for (int i = tid; i < NREP * D4; i += 128) {
+    const int r = i / D4, d = i - r * D4;
+    qo[i] = d < D ? Ty<DT>::ld(q + r * a.sqh + d) * a.qscale : 0.f;
   }
-  if (a.stage) cp_wait<0>();
   __syncthreads();
   trace(8);
-  if (a.stage) {
-    // scores from the staged keys: one token per thread, RG heads at a time, 16 bytes of
-    // the row per step; the query values are the same for all lanes (broadcast reads)
-    constexpr int EPC = 16 / (int)sizeof(WTT);  // elements per chunk
-    const int cpr = a.D / EPC;
-    for (int r0 = 0; r0 < NREP; r0 += RG) {
-      for (int t = tid; t < nw; t += 128) {
-        const int row = (nc + t) % a.W;
-        const uint4* kr = reinterpret_cast<const uint4*>(kw + (i64)row * a.D);
-        float acc[RG];
-#pragma unroll
-        for (int g = 0; g < RG; ++g) acc[g] = 0.f;
-        for (int c = 0; c < cpr; ++c) {
-          float kf[EPC];
-          chunk_floats<WT>(kr[window_chunk(row, c, cpr)], kf);
-#pragma unroll
-          for (int g = 0; g < RG; ++g) {
-            const float4* qv = reinterpret_cast<const float4*>(qo + (r0 + g) * a.D + c * EPC);
-#pragma unroll
-            for (int e4 = 0; e4 < EPC / 4; ++e4) {
-              const float4 qq = qv[e4];
-              acc[g] = fmaf(qq.x, kf[4 * e4], acc[g]);
-              acc[g] = fmaf(qq.y, kf[4 * e4 + 1], acc[g]);
-              acc[g] = fmaf(qq.z, kf[4 * e4 + 2], acc[g]);
-              acc[g] = fmaf(qq.w, kf[4 * e4 + 3], acc[g]);
-            }
-          }
-        }
-#pragma unroll
-        for (int g = 0; g < RG; ++g)
-          if (r0 + g < NREP) sw[(r0 + g) * a.W + t] = acc[g];
+  // scores and softmax: warp r takes heads r, r + 4, ...; lane t scores token t
+  float* wp = a.wpart + (bh * a.wblocks + j) * NREP * (D + 2);
+  for (int r = warp; r < NREP; r += 4) {
+    float s = TQ_NEG_INF;
+    if (lane < nt) {
+      const float4* kr = reinterpret_cast<const float4*>(ks + lane * DP);
+      const float4* qr = reinterpret_cast<const float4*>(qo + r * D4);
+      float acc0 = 0.f, acc1 = 0.f;
+      int c = 0;
+      for (; c + 2 <= D4 / 4; c += 2) {
+        const float4 k0 = kr[c], q0 = qr[c], k1 = kr[c + 1], q1 = qr[c + 1];
+        acc0 = fmaf(q0.x, k0.x, acc0); acc0 = fmaf(q0.y, k0.y, acc0);
+        acc0 = fmaf(q0.z, k0.z, acc0); acc0 = fmaf(q0.w, k0.w, acc0);
+        acc1 = fmaf(q1.x, k1.x, acc1); acc1 = fmaf(q1.y, k1.y, acc1);
+        acc1 = fmaf(q1.z, k1.z, acc1); acc1 = fmaf(q1.w, k1.w, acc1);
       }
-    }
-  } else {
-    // unstaged: TU tokens per warp and round, lanes over the dims, RG heads at a time
-    for (int r0 = 0; r0 < NREP; r0 += RG) {
-      for (int t0 = warp * TU; t0 < nw; t0 += 4 * TU) {
-        const WTT* kr[TU];
-        float part[RG][TU];
-#pragma unroll
-        for (int u = 0; u < TU; ++u) {
-          kr[u] = kw + (i64)((nc + min(t0 + u, nw - 1)) % a.W) * a.D;
-#pragma unroll
-          for (int g = 0; g < RG; ++g) part[g][u] = 0.f;
-        }
-        for (int d = lane; d < a.D; d += 32) {
-          float kv[TU];
-#pragma unroll
-          for (int u = 0; u < TU; ++u) kv[u] = Ty<WT>::ld(kr[u] + d);
-#pragma unroll
-          for (int g = 0; g < RG; ++g) {
-            const float qd = qo[(r0 + g) * a.D + d];
-#pragma unroll
-            for (int u = 0; u < TU; ++u) part[g][u] = fmaf(qd, kv[u], part[g][u]);
-          }
-        }
-        float v[32];
-#pragma unroll
-        for (int k = 0; k < 32; ++k) v[k] = k < RG * TU ? part[k / TU][k % TU] : 0.f;
-        const float sc = warp_reduce_scatter(v);  // lane k: score of head r0 + k / TU, token t0 + k % TU
-        if (lane < RG * TU && t0 + lane % TU < nw) sw[(r0 + lane / TU) * a.W + t0 + lane % TU] = sc;
+      if (c < D4 / 4) {
+        const float4 k0 = kr[c], q0 = qr[c];
+        acc0 = fmaf(q0.x, k0.x, acc0); acc0 = fmaf(q0.y, k0.y, acc0);
+        acc0 = fmaf(q0.z, k0.z, acc0); acc0 = fmaf(q0.w, k0.w, acc0);
       }
+      s = acc0 + acc1;
     }
+    const float m = warp_max(s);
+    const float p = lane < nt ? exp2f(s - m) : 0.f;
+    const float l = warp_sum(p);
+    sw[r * 32 + lane] = p;
+    if (lane == 0) { wp[r * (D + 2) + D] = m; wp[r * (D + 2) + D + 1] = l; }
   }
   __syncthreads();
   trace(9);
-  // per-head max and weights
-  float* wp = a.wpart + bh * NREP * (a.D + 2);
-  for (int r = warp; r < NREP; r += 4) {
-    float m = TQ_NEG_INF;
-    for (int w = lane; w < nw; w += 32) m = fmaxf(m, sw[r * a.W + w]);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int w = lane; w < nw; w += 32) {
-      const float p = exp2f(sw[r * a.W + w] - m);
-      sw[r * a.W + w] = p;
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) { wp[r * (a.D + 2) + a.D] = m; wp[r * (a.D + 2) + a.D + 1] = l; }
-  }
-  __syncthreads();
-  trace(10);
-  // values: warp k takes tokens k, k + 4, ...; lane owns dims lane + 32 i; RG heads at a time
-  for (int r0 = 0; r0 < NREP; r0 += RG) {
-    float acc[RG][NDI];
+  // values: thread d owns output dim d of every head
+  for (int d = tid; d < D; d += 128) {
+    for (int r0 = 0; r0 < NREP; r0 += RG) {
+      float acc[RG];
 #pragma unroll
-    for (int g = 0; g < RG; ++g)
-#pragma unroll
-      for (int i = 0; i < NDI; ++i) acc[g][i] = 0.f;
+      for (int g = 0; g < RG; ++g) acc[g] = 0.f;
 #pragma unroll 4
-    for (int w = warp; w < nw; w += 4) {
-      const WTT* vr = vw + (i64)((nc + w) % a.W) * a.D;
-      float vv[NDI];
+      for (int t = 0; t < nt; ++t) {
+        const float v = vs[t * DP + d];
 #pragma unroll
-      for (int i = 0; i < NDI; ++i) vv[i] = lane + 32 * i < a.D ? Ty<WT>::ld(vr + lane + 32 * i) : 0.f;
-#pragma unroll
-      for (int g = 0; g < RG; ++g) {
-        const float p = sw[(r0 + g) * a.W + w];
-#pragma unroll
-        for (int i = 0; i < NDI; ++i) acc[g][i] = fmaf(p, vv[i], acc[g][i]);
+        for (int g = 0; g < RG; ++g)
+          if (r0 + g < NREP) acc[g] = fmaf(sw[(r0 + g) * 32 + t], v, acc[g]);
       }
-    }
-    __syncthreads();  // previous pass's readers of red are done
 #pragma unroll
-    for (int g = 0; g < RG; ++g)
-#pragma unroll
-      for (int i = 0; i < NDI; ++i)
-        if (lane + 32 * i < a.D) red[(warp * RG + g) * a.D + lane + 32 * i] = acc[g][i];
-    __syncthreads();
-    for (int i = tid; i < RG * a.D; i += 128) {
-      const int g = i / a.D, d = i - g * a.D;
-      const float v = (red[g * a.D + d] + red[(RG + g) * a.D + d]) + (red[(2 * RG + g) * a.D + d] + red[(3 * RG + g) * a.D + d]);
-      wp[(r0 + g) * (a.D + 2) + d] = v;
+      for (int g = 0; g < RG; ++g)
+        if (r0 + g < NREP) wp[(r0 + g) * (D + 2) + d] = acc[g];
     }
   }
+  trace(10);
 }
 
 // The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
-// fastest, then kv head, then sequence), the H * B after them the window blocks,
-// which the hardware then schedules last, behind the long split blocks.
+// fastest, then kv head, then sequence), the wblocks * H * B after them the window
+// blocks (window block fastest), which the hardware then schedules last, behind
+// the long split blocks.  s is the split or the window block index.
 TQ_D bool split_role(const SplitArgs& a, int& s, int& h, int& b) {
   const int id = blockIdx.x;
-  const int nsb = (int)(gridDim.x / (a.splits + 1)) * a.splits;  // gridDim.x = (splits + 1) * H * B
+  const int nsb = (int)(gridDim.x / (a.splits + a.wblocks)) * a.splits;  // gridDim.x = (splits + wblocks) H B
   if (id < nsb) {
     s = id % a.splits;
     h = (id / a.splits) % a.H;
     b = id / (a.splits * a.H);
     return true;
   }
-  s = a.splits;
-  h = (id - nsb) % a.H;
-  b = (id - nsb) / a.H;
+  const int w = id - nsb;
+  s = w % a.wblocks;
+  h = (w / a.wblocks) % a.H;
+  b = w / (a.wblocks * a.H);
   return false;
 }
 
@@ -743,59 +677,91 @@ TQ_D void ldcg_row(const float* p, float (&v)[E]) {
   }
 }
 
-// One warp per query head r: the split weights (max over the splits and the
-// window), the weighted sum of the split partials in registers (lane l: elements
-// E l ..), the inverse rotation (warp_fwht), the window partial, 1/L, the store.
-// No block barrier.  Shared memory: the split weights [NREP][splits], each row
-// written and read by its own warp.
+// One warp per query head r: the split and window weights (max over all
+// partials), the weighted sum of the split partials in registers (lane l:
+// elements E l ..), the inverse rotation (warp_fwht), the window partials, 1/L,
+// the store.  No block barrier.  Every load that depends on nothing (this lane's
+// split and window max and sum, the first SB split partials, the first NWR
+// window partials) is issued before the first use: one L2 round trip where the
+// weights, then the partials, then the window were three.  Shared memory: the
+// split weights [NREP][splits], each row written and read by its own warp.
 template <int P, int NREP, int OT>
 TQ_D void finish(const SplitArgs& a, int b, int h) {
   typedef typename Ty<OT>::raw OTT;
   constexpr int E = P / 32;
+  // SB splits at a time (64 registers; 2 round trips for 32 splits at P = 128)
+  constexpr int SB = 64 / E < 8 ? 8 : 64 / E;
+  constexpr int NWR = 4;  // window partials prefetched (ceil(128 / 32))
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nsv = splits_used(a, b);
+  const int nsv = splits_used(a, b), nwu = wblocks_used(a, b);
   const i64 bh = (i64)b * a.H + h;
   const i64 pb = bh * a.splits * NREP;
-  const float* wp = a.wpart + bh * NREP * (a.D + 2);
+  const int WP = a.D + 2;  // window partial pitch: o[D], m, l
+  const float* wb = a.wpart + bh * a.wblocks * NREP * WP;
   OTT* out = (OTT*)a.out + b * a.sob + (i64)h * NREP * a.soh;
   for (int r = warp; r < NREP; r += blockDim.x >> 5) {
     float* wts = reinterpret_cast<float*>(tq_smem) + r * max(a.splits, 1);
-    const float* wr = wp + r * (a.D + 2);
-    const float mw = __ldcg(wr + a.D);
-    float M = mw;
-    for (int s = lane; s < nsv; s += 32) M = fmaxf(M, __ldcg(a.mpart + pb + s * NREP + r));
+    const float* mp = a.mpart + pb + r;  // split s: mp[s NREP]
+    const float* lp = a.lpart + pb + r;
+    const float* op = a.opart + (pb + r) * P + E * lane;  // split s: op + s NREP P
+    const float* wr = wb + r * WP;                        // window block j: wr + j NREP WP
+    // 1. independent loads
+    const float ms = lane < nsv ? __ldcg(mp + lane * NREP) : TQ_NEG_INF;
+    const float ls = lane < nsv ? __ldcg(lp + lane * NREP) : 0.f;
+    const float mw = lane < nwu ? __ldcg(wr + (i64)lane * NREP * WP + a.D) : TQ_NEG_INF;
+    const float lw = lane < nwu ? __ldcg(wr + (i64)lane * NREP * WP + a.D + 1) : 0.f;
+    float v[SB][E];
+#pragma unroll
+    for (int u = 0; u < SB; ++u)
+      if (u < nsv) ldcg_row<E>(op + (i64)u * NREP * P, v[u]);
+    float sg0[E], sg1[E];  // value rotation signs of this lane's elements
+#pragma unroll
+    for (int i = 0; i < E; ++i) { sg0[i] = __ldg(a.vsigns + E * lane + i); sg1[i] = __ldg(a.vsigns + P + E * lane + i); }
+    float wo[NWR][E];
+#pragma unroll
+    for (int jw = 0; jw < NWR; ++jw)
+#pragma unroll
+      for (int i = 0; i < E; ++i)
+        wo[jw][i] = (jw < nwu && E * lane + i < a.D) ? __ldcg(wr + (i64)jw * NREP * WP + E * lane + i) : 0.f;
+    // 2. weights (lanes past 32 splits or window blocks: a second pass, rare)
+    float M = fmaxf(ms, mw);
+    for (int s = lane + 32; s < nsv; s += 32) M = fmaxf(M, __ldcg(mp + s * NREP));
+    for (int jw = lane + 32; jw < nwu; jw += 32) M = fmaxf(M, __ldcg(wr + (i64)jw * NREP * WP + a.D));
     M = warp_max(M);
-    float Ls = 0.f;
-    for (int s = lane; s < nsv; s += 32) {
-      const float ms = __ldcg(a.mpart + pb + s * NREP + r);
-      const float w = ms == TQ_NEG_INF ? 0.f : exp2f(ms - M);
+    trace(11);
+    const float ws = ms == TQ_NEG_INF ? 0.f : exp2f(ms - M);
+    const float aw = mw == TQ_NEG_INF ? 0.f : exp2f(mw - M);  // lane j: window block j's weight
+    if (lane < nsv) wts[lane] = ws;
+    float Ls = ws * ls + aw * lw;
+    for (int s = lane + 32; s < nsv; s += 32) {
+      const float m2 = __ldcg(mp + s * NREP);
+      const float w = m2 == TQ_NEG_INF ? 0.f : exp2f(m2 - M);
       wts[s] = w;
-      Ls += w * __ldcg(a.lpart + pb + s * NREP + r);
+      Ls += w * __ldcg(lp + s * NREP);
+    }
+    for (int jw = lane + 32; jw < nwu; jw += 32) {
+      const float m2 = __ldcg(wr + (i64)jw * NREP * WP + a.D);
+      Ls += (m2 == TQ_NEG_INF ? 0.f : exp2f(m2 - M)) * __ldcg(wr + (i64)jw * NREP * WP + a.D + 1);
     }
     Ls = warp_sum(Ls);
-    const float aw = mw == TQ_NEG_INF ? 0.f : exp2f(mw - M);
-    Ls += aw * __ldcg(wr + a.D + 1);
     const float linv = Ls > 0.f ? 1.f / Ls : 0.f;
     __syncwarp();
+    // 3. split partials: 4 partial sums per element (split s goes to sum s % 4)
     float x[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) x[i] = 0.f;
     if (nsv > 0) {
-      // 4 partial sums per element (split s goes to sum s % 4), SB splits at a time:
-      // their loads are in flight together (64 registers; 2 L2 round trips for 32
-      // splits at P = 128, where one split at a time took one per split)
-      constexpr int SB = 64 / E < 8 ? 8 : 64 / E;
       float acc[4][E];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
         for (int i = 0; i < E; ++i) acc[u][i] = 0.f;
-      const float* op = a.opart + (pb + r) * P + E * lane;  // split s: op + s NREP P
       for (int s0 = 0; s0 < nsv; s0 += SB) {
-        float v[SB][E];
+        if (s0 > 0) {
 #pragma unroll
-        for (int u = 0; u < SB; ++u)
-          if (s0 + u < nsv) ldcg_row<E>(op + (i64)(s0 + u) * NREP * P, v[u]);
+          for (int u = 0; u < SB; ++u)
+            if (s0 + u < nsv) ldcg_row<E>(op + (i64)(s0 + u) * NREP * P, v[u]);
+        }
 #pragma unroll
         for (int u = 0; u < SB; ++u) {
           if (s0 + u < nsv) {
@@ -808,41 +774,60 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
 #pragma unroll
       for (int i = 0; i < E; ++i)
         x[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+      trace(12);
       // inverse rotation: FWHT, signs 1, FWHT, signs 0 and 1/P
       warp_fwht<P>(x);
 #pragma unroll
-      for (int i = 0; i < E; ++i) x[i] *= __ldg(a.vsigns + P + E * lane + i);
+      for (int i = 0; i < E; ++i) x[i] *= sg1[i];
       warp_fwht<P>(x);
 #pragma unroll
-      for (int i = 0; i < E; ++i) x[i] *= __ldg(a.vsigns + E * lane + i) * (1.0f / P);
+      for (int i = 0; i < E; ++i) x[i] *= sg0[i] * (1.0f / P);
+    }
+    trace(13);
+    // 4. window partials, in block order
+#pragma unroll
+    for (int jw = 0; jw < NWR; ++jw) {
+      const float w = __shfl_sync(0xffffffffu, aw, jw);
+      if (jw < nwu)
+#pragma unroll
+        for (int i = 0; i < E; ++i) x[i] = fmaf(w, wo[jw][i], x[i]);
+    }
+    for (int jw = NWR; jw < nwu; ++jw) {
+      const float w = __shfl_sync(0xffffffffu, aw, jw & 31);
+      const float m2 = __ldcg(wr + (i64)jw * NREP * WP + a.D);
+      const float wj = jw < 32 ? w : (m2 == TQ_NEG_INF ? 0.f : exp2f(m2 - M));
+#pragma unroll
+      for (int i = 0; i < E; ++i)
+        if (E * lane + i < a.D) x[i] = fmaf(wj, __ldcg(wr + (i64)jw * NREP * WP + E * lane + i), x[i]);
     }
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const int d = E * lane + i;
-      if (d < a.D) out[r * a.soh + d] = Ty<OT>::cvt((x[i] + aw * __ldcg(wr + d)) * linv);
+      if (d < a.D) out[r * a.soh + d] = Ty<OT>::cvt(x[i] * linv);
     }
   }
 }
 
 // The arrival of a block that wrote its partial (split or window block): the
-// non-empty splits and the window block are expected; the last one finishes.
+// non-empty splits and window blocks are expected; the last one finishes.
 // Not inlined, like window_block: kept out of the split kernels' main loop, whose
 // register allocation and instruction count they would otherwise disturb (the
 // SASS loop grew by ~15%).
 template <int P, int NREP, int OT>
 __device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
   trace(4);
-  const bool last = arrive_last(a, b, h, splits_used(a, b) + 1);
+  const bool last = arrive_last(a, b, h, splits_used(a, b) + wblocks_used(a, b));
   trace(5);
   if (last) {
     finish<P, NREP, OT>(a, b, h);
     trace(6);
   }
 }
-// The window block's whole job.
+// A window block's whole job (blocks past the tokens of a short window exit at once).
 template <int P, int NREP, int DT, int WT, int OT>
-__device__ __noinline__ void window_block(const SplitArgs& a, int b, int h) {
-  window_partial<P, NREP, DT, WT>(a, b, h);
+__device__ __noinline__ void window_block(const SplitArgs& a, int b, int h, int j) {
+  if (j >= wblocks_used(a, b)) return;
+  window_partial<NREP, DT, WT>(a, b, h, j);
   trace(1);
   split_done<P, NREP, OT>(a, b, h);
 }
@@ -967,14 +952,21 @@ template <int B> struct LutSize { static constexpr int bytes = (1 << (2 * B)) * 
 // order by all threads at once, and per head the max and softmax sum over the
 // groups (sm_m / sm_l [NG][16]).  (Adding the groups one warp at a time, with a
 // barrier after each, cost ~5 us per block: half of a batch-1 launch at 4K.)
+// Shared-memory index of element i of the token groups' sums [NG][NREP][P]: one
+// float of padding after every 32.  The lanes of a warp store elements that lie a
+// multiple of 32 floats apart (the accumulator fragments), so without padding
+// they all hit one bank (16-way conflicts; ~1 us per block at batch 1).
+__host__ __device__ constexpr int slice_at(int i) { return i + (i >> 5); }
+template <int NREP, int P, int NG> struct SliceBytes { static constexpr int value = 4 * slice_at(NG * NREP * P); };
+
 template <int P, int NREP, int NG>
 TQ_D void store_block_partial(const SplitArgs& a, i64 bh, int s, const float* slices,
                               const float* sm_m, const float* sm_l) {
   const i64 ob = (bh * a.splits + s) * NREP;
   for (int i = threadIdx.x; i < NREP * P; i += blockDim.x) {
-    float v = slices[i];
+    float v = slices[slice_at(i)];
 #pragma unroll
-    for (int w = 1; w < NG; ++w) v += slices[w * NREP * P + i];
+    for (int w = 1; w < NG; ++w) v += slices[slice_at(w * NREP * P + i)];
     a.opart[ob * P + i] = v;
   }
   if (threadIdx.x < NREP) {
@@ -1016,7 +1008,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   u8* pipe = tq_smem + LUT_BYTES;                                          // 4 warps * STAGES * TILE_BYTES
   uint4* qf = reinterpret_cast<uint4*>(pipe + 4 * STAGES * TILE_BYTES);   // [P/16][32]
   // the token groups' sums [NG][NREP][P] reuse the region above at the end (layout.py)
-  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * 32 * 16, NG * NREP * P * 4);
+  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * 32 * 16, SliceBytes<NREP, P, NG>::value);
   float* qs = reinterpret_cast<float*>(tq_smem + HEAD);                    // [NREP][P] rotated queries
   float* sm_m = qs + NREP * P;                                             // [NG][16]
   float* sm_l = sm_m + NG * 16;                                            // [NG][16]
@@ -1024,7 +1016,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   int s, h, b;
   trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(far, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h, s);
     return;
   }
   const float cent = LUT ? load_centroid<KB, VB>(a.kcents, a.vcents) : 0.f;
@@ -1281,18 +1273,19 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   for (int w = 0; w < NG; ++w) { M0 = fmaxf(M0, sm_m[w * 16 + g]); M1 = fmaxf(M1, sm_m[w * 16 + g + 8]); }
   const float f0 = m0 == TQ_NEG_INF ? 0.f : fast_exp2(m0 - M0);
   const float f1 = m1 == TQ_NEG_INF ? 0.f : fast_exp2(m1 - M1);
-  float* slice = reinterpret_cast<float*>(tq_smem) + tg * NREP * P;  // [NG][NREP][P], over the tables and pipeline
+  float* slices = reinterpret_cast<float*>(tq_smem);  // [NG][NREP][P] (slice_at), over the tables and pipeline
+  const int sl0 = tg * NREP * P;
 #pragma unroll
   for (int j = 0; j < NJ; ++j)  // accumulator rows: g (e < 2) and g + 8 (e >= 2, heads only if NREP > 8)
 #pragma unroll
     for (int e = 0; e < 2; ++e)
-      if (g < NREP) slice[g * P + (2 * t + e) * (P / 8) + dh * NJ + j] = acc[j][e] * f0;
+      if (g < NREP) slices[slice_at(sl0 + g * P + (2 * t + e) * (P / 8) + dh * NJ + j)] = acc[j][e] * f0;
   if constexpr (NREP > 8) {
 #pragma unroll
     for (int j = 0; j < NJ; ++j)
 #pragma unroll
       for (int e = 2; e < 4; ++e)
-        if (g + 8 < NREP) slice[(g + 8) * P + (2 * t + (e & 1)) * (P / 8) + dh * NJ + j] = acc[j][e] * f1;
+        if (g + 8 < NREP) slices[slice_at(sl0 + (g + 8) * P + (2 * t + (e & 1)) * (P / 8) + dh * NJ + j)] = acc[j][e] * f1;
   }
   __syncthreads();
   store_block_partial<P, NREP, NG>(a, bh, s, reinterpret_cast<const float*>(tq_smem), sm_m, sm_l);
@@ -1339,7 +1332,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   u8* pipe = tq_smem + LUT_BYTES;                                           // 4 warps * STAGES * TILE_BYTES
   uint2* qf = reinterpret_cast<uint2*>(pipe + 4 * STAGES * TILE_BYTES);    // [P/16][NH][32]
   // the token groups' sums [NG][NREP][P] reuse the region above at the end (layout.py)
-  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * NH * 32 * 8, NG * NREP * P * 4);
+  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * NH * 32 * 8, SliceBytes<NREP, P, NG>::value);
   float* qs = reinterpret_cast<float*>(tq_smem + HEAD);                     // [NREP][P] rotated queries
   float* sm_m = qs + NREP * P;                                              // [NG][16]
   float* sm_l = sm_m + NG * 16;                                             // [NG][16]
@@ -1347,7 +1340,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   int s, h, b;
   trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(far, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h, s);
     return;
   }
   const float cent = load_centroid<KB, VB>(a.kcents, a.vcents);
@@ -1602,7 +1595,8 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
       for (int w = 0; w < NG; ++w) M = fmaxf(M, sm_m[w * 16 + 8 * nh + 2 * t + c]);
       fsc[nh][c] = mrun[nh][c] == TQ_NEG_INF ? 0.f : fast_exp2(mrun[nh][c] - M);
     }
-  float* slice = reinterpret_cast<float*>(tq_smem) + tg * NREP * P;  // [NG][NREP][P], over the tables and pipeline
+  float* slices = reinterpret_cast<float*>(tq_smem);  // [NG][NREP][P] (slice_at), over the tables and pipeline
+  const int sl0 = tg * NREP * P;
 #pragma unroll
   for (int nh = 0; nh < NH; ++nh)
 #pragma unroll
@@ -1610,7 +1604,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int head = 8 * nh + 2 * t + (e & 1);
-        if (head < NREP) slice[head * P + g * (P / 8) + dh * NC + 2 * m + (e >> 1)] = acc[nh][m][e] * fsc[nh][e & 1];
+        if (head < NREP) slices[slice_at(sl0 + head * P + g * (P / 8) + dh * NC + 2 * m + (e >> 1))] = acc[nh][m][e] * fsc[nh][e & 1];
       }
   __syncthreads();
   store_block_partial<P, NREP, NG>(a, bh, s, reinterpret_cast<const float*>(tq_smem), sm_m, sm_l);
@@ -1622,7 +1616,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 // mma kernel): 128 threads, 128-token tiles; scores one token per thread,
 // values one coordinate per thread.
 template <int P, int KB, int VB, int NREP, int DT, int WT, int OT>
-__global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
+__global__ void __launch_bounds__(128, 4) tq_split_fma(TQ_SPLIT_PARAMS) {
   const SplitArgs a = TQ_SPLIT_ARGS;
   TQ_FAR_ARGS(a, far);
   constexpr int CK = P * KB / 8, CV = P * VB / 8;
@@ -1643,7 +1637,7 @@ __global__ void __launch_bounds__(128) tq_split_fma(TQ_SPLIT_PARAMS) {
   int s, h, b;
   trace(0);
   if (!split_role(a, s, h, b)) {
-    window_block<P, NREP, DT, WT, OT>(far, b, h);
+    window_block<P, NREP, DT, WT, OT>(far, b, h, s);
     return;
   }
   const int nc = max(0, a.lengths[b] - a.W);
