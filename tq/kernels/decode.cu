@@ -513,16 +513,21 @@ TQ_D int wblocks_used(const SplitArgs& a, int b) {
 // qo [NREP][D4] | sw [NREP][32] | K [WB][DP] | V [WB][DP], D4 = D rounded up to 4
 // (zero-padded), DP = D4 + 4: the lanes of a quarter-warp read K rows whose
 // 16-byte pieces fall in different banks.
+// The live window positions fill slots [0, min(L, W)) in ring order, and attention
+// does not depend on the order of its tokens, so block j stages slots [j WB, (j + 1) WB)
+// before the sequence length arrives (one L2 round trip less on its critical path)
+// and masks the slots past min(L, W) afterwards.  Returns false, without writing a
+// partial, for a block past the window's tokens (block 0 always writes one).
 template <int NREP, int DT, int WT>
-TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
+TQ_D bool window_partial(const SplitArgs& a, int b, int h, int j) {
   typedef typename Ty<DT>::raw QT;
   typedef typename Ty<WT>::raw WTT;
   constexpr int EPC = 16 / (int)sizeof(WTT);  // elements per 16-byte piece
   constexpr int RG = NREP < 8 ? NREP : 8;     // heads per pass of the value loop
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int D = a.D, D4 = (D + 3) & ~3, DP = D4 + 4;
-  const int L = a.lengths[b], nc = max(0, L - a.W), nw = L - nc;  // window: positions nc .. L-1
-  const int WB = window_tokens(a), t0 = j * WB, nt = max(0, min(nw - t0, WB));
+  const int L = a.lengths[b];  // used only after the staging loads are issued
+  const int WB = window_tokens(a), t0 = j * WB, ns = max(0, min(a.W - t0, WB));  // this block's slots
   const i64 bh = (i64)b * a.H + h;
   float* qo = reinterpret_cast<float*>(tq_smem);
   float* sw = qo + NREP * D4;
@@ -534,9 +539,9 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
   if ((D * (int)sizeof(WTT)) % 16 == 0) {
     const int cpr = D / EPC;
 #pragma unroll 4
-    for (int i = tid; i < nt * cpr; i += 128) {
+    for (int i = tid; i < ns * cpr; i += 128) {
       const int t = i / cpr, c = i - t * cpr;
-      const i64 row = (nc + t0 + t) % a.W;
+      const i64 row = t0 + t;
       const uint4 kq = __ldg(reinterpret_cast<const uint4*>(kw + row * D) + c);
       const uint4 vq = __ldg(reinterpret_cast<const uint4*>(vw + row * D) + c);
       float kf[EPC], vf[EPC];
@@ -549,9 +554,9 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
       }
     }
   } else {  // rows not 16-byte aligned (odd head_dim): element copies, zero padding
-    for (int i = tid; i < nt * D4; i += 128) {
+    for (int i = tid; i < ns * D4; i += 128) {
       const int t = i / D4, d = i - t * D4;
-      const i64 row = (nc + t0 + t) % a.W;
+      const i64 row = t0 + t;
       ks[t * DP + d] = d < D ? Ty<WT>::ld(kw + row * D + d) : 0.f;
       vs[t * DP + d] = d < D ? Ty<WT>::ld(vw + row * D + d) : 0.f;
     }
@@ -561,6 +566,8 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
     const int r = i / D4, d = i - r * D4;
     qo[i] = d < D ? Ty<DT>::ld(q + r * a.sqh + d) * a.qscale : 0.f;
   }
+  const int nt = max(0, min(min(L, a.W) - t0, WB));  // live tokens among this block's slots
+  if (j > 0 && nt == 0) return false;
   __syncthreads();
   trace(8);
   // scores and softmax: warp r takes heads r, r + 4, ...; lane t scores token t
@@ -613,6 +620,7 @@ TQ_D void window_partial(const SplitArgs& a, int b, int h, int j) {
     }
   }
   trace(10);
+  return true;
 }
 
 // The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
@@ -642,17 +650,21 @@ TQ_D int splits_used(const SplitArgs& a, int b) {
 }
 
 // Count this block's arrival for (b, h); true for the last of `expected` blocks.
+// The barrier orders every thread's partial stores before thread 0's arrival, an
+// acquire-release atomic at GPU scope: its release half publishes them (cumulative
+// through the barrier), its acquire half makes the other blocks' partials visible
+// to the last one, and the closing barrier passes that on to the whole block.
+// (Was: a sequentially consistent fence in every thread, the atomic, then another
+// fence in the last block.)
 TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
   __shared__ int last;
-  __threadfence();  // this thread's partial stores are visible device-wide ...
-  __syncthreads();  // ... for every thread of the block, before the arrival is counted
+  __syncthreads();
   if (threadIdx.x == 0) {
-    const int prev = atomicAdd(a.counters + (i64)b * a.H + h, 1);
+    int* counter = a.counters + (i64)b * a.H + h;
+    int prev;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
     last = prev == expected - 1;
-    if (last) {
-      __threadfence();                          // the other blocks' partials are read after this
-      a.counters[(i64)b * a.H + h] = 0;         // every block has arrived: ready for the next call
-    }
+    if (last) *counter = 0;  // every block has arrived: ready for the next call
   }
   __syncthreads();
   return last;
@@ -677,7 +689,7 @@ TQ_D void ldcg_row(const float* p, float (&v)[E]) {
   }
 }
 
-// One warp per query head r: the split and window weights (max over all
+// One warp per query head r (nsv split and nwu window partials): the split and window weights (max over all
 // partials), the weighted sum of the split partials in registers (lane l:
 // elements E l ..), the inverse rotation (warp_fwht), the window partials, 1/L,
 // the store.  No block barrier.  Every load that depends on nothing (this lane's
@@ -686,14 +698,13 @@ TQ_D void ldcg_row(const float* p, float (&v)[E]) {
 // weights, then the partials, then the window were three.  Shared memory: the
 // split weights [NREP][splits], each row written and read by its own warp.
 template <int P, int NREP, int OT>
-TQ_D void finish(const SplitArgs& a, int b, int h) {
+TQ_D void finish(const SplitArgs& a, int b, int h, int nsv, int nwu) {
   typedef typename Ty<OT>::raw OTT;
   constexpr int E = P / 32;
   // SB splits at a time (64 registers; 2 round trips for 32 splits at P = 128)
   constexpr int SB = 64 / E < 8 ? 8 : 64 / E;
   constexpr int NWR = 4;  // window partials prefetched (ceil(128 / 32))
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nsv = splits_used(a, b), nwu = wblocks_used(a, b);
   const i64 bh = (i64)b * a.H + h;
   const i64 pb = bh * a.splits * NREP;
   const int WP = a.D + 2;  // window partial pitch: o[D], m, l
@@ -816,18 +827,19 @@ TQ_D void finish(const SplitArgs& a, int b, int h) {
 template <int P, int NREP, int OT>
 __device__ __noinline__ void split_done(const SplitArgs& a, int b, int h) {
   trace(4);
-  const bool last = arrive_last(a, b, h, splits_used(a, b) + wblocks_used(a, b));
+  // counted before the arrival, so the finishing block's first loads need no length
+  const int nsv = splits_used(a, b), nwu = wblocks_used(a, b);
+  const bool last = arrive_last(a, b, h, nsv + nwu);
   trace(5);
   if (last) {
-    finish<P, NREP, OT>(a, b, h);
+    finish<P, NREP, OT>(a, b, h, nsv, nwu);
     trace(6);
   }
 }
-// A window block's whole job (blocks past the tokens of a short window exit at once).
+// A window block's whole job (blocks past the tokens of a short window write nothing).
 template <int P, int NREP, int DT, int WT, int OT>
 __device__ __noinline__ void window_block(const SplitArgs& a, int b, int h, int j) {
-  if (j >= wblocks_used(a, b)) return;
-  window_partial<NREP, DT, WT>(a, b, h, j);
+  if (!window_partial<NREP, DT, WT>(a, b, h, j)) return;
   trace(1);
   split_done<P, NREP, OT>(a, b, h);
 }
@@ -1020,13 +1032,8 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     return;
   }
   const float cent = LUT ? load_centroid<KB, VB>(a.kcents, a.vcents) : 0.f;
-  const int nc = max(0, a.lengths[b] - a.W);
+  const int len = a.lengths[b];  // used once the first tiles are in flight
   const int start = s * a.chunk;
-  const int end = min(nc, start + a.chunk);
-  if (start >= end) {
-    trace(7);
-    return;
-  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tg = warp / DSPLIT, dh = warp % DSPLIT;
@@ -1038,8 +1045,11 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   const u16* kn = a.knorms + bh * a.cap;
   const u16* vn = a.vnorms + bh * a.cap;
   u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
-  const int ntiles = (end - start + 15) / 16;
-  const int mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
+  // The first tiles are requested before the sequence length arrives: this warp's tiles
+  // of the chunk inside the allocation, trimmed to the live tokens below (one L2
+  // round trip less before the main loop; tiles past them are never read).
+  const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
+  int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 
   auto issue = [&](int it) {
     if (it < mytiles) {
@@ -1061,6 +1071,17 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   // the first tiles are in flight while the look-up tables and the queries are prepared
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  const int nc = max(0, len - a.W);
+  const int end = min(nc, start + a.chunk);
+  if (start >= end) {  // empty split: let the requested tiles land before the block exits
+    cp_wait<0>();
+    trace(7);
+    return;
+  }
+  {
+    const int ntiles = (end - start + 15) / 16;
+    mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
+  }
 
   if constexpr (LUT) {
     build_luts<KB, VB>(tq_smem, VLUT_OFF, cent);
@@ -1344,13 +1365,8 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     return;
   }
   const float cent = load_centroid<KB, VB>(a.kcents, a.vcents);
-  const int nc = max(0, a.lengths[b] - a.W);
+  const int len = a.lengths[b];  // used once the first tiles are in flight
   const int start = s * a.chunk;
-  const int end = min(nc, start + a.chunk);
-  if (start >= end) {
-    trace(7);
-    return;
-  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int tg = warp / DSPLIT, dh = warp % DSPLIT;
@@ -1358,8 +1374,11 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 
   const i64 bh = (i64)b * a.H + h;
   u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
-  const int ntiles = (end - start + 15) / 16;
-  const int mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
+  // The first tiles are requested before the sequence length arrives: this warp's tiles
+  // of the chunk inside the allocation, trimmed to the live tokens below (one L2
+  // round trip less before the main loop; tiles past them are never read).
+  const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
+  int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
   // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
   constexpr int NCHUNK = CK + CV + 4;  // 16-byte pieces per tile: key codes, value codes, norms
@@ -1390,6 +1409,17 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  const int nc = max(0, len - a.W);
+  const int end = min(nc, start + a.chunk);
+  if (start >= end) {  // empty split: let the requested tiles land before the block exits
+    cp_wait<0>();
+    trace(7);
+    return;
+  }
+  {
+    const int ntiles = (end - start + 15) / 16;
+    mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
+  }
 
   build_luts<KB, VB>(tq_smem, VLUT_OFF, cent);
   trace(1);
