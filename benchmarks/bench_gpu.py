@@ -113,6 +113,10 @@ def main():
     ap.add_argument("--check-rows", type=int, default=2048)
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="seconds; past it, torch timings are skipped (CuPy ones are cheap)")
+    ap.add_argument("--scores-impls", default="auto",
+                    help="CuPy inner-product kernels to time side by side: auto (tensor cores where they "
+                         "apply), fma (the float32 kernel); e.g. auto,fma")
+    ap.add_argument("--stem", default="gpu_throughput")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
 
@@ -183,6 +187,21 @@ def main():
                                    "bytes": bytes_moved[op], "samples_ms": [s * 1e3 for s in samples]}
                         cp.get_default_memory_pool().free_all_blocks()
                         torch.cuda.empty_cache()
+                    if name == "cupy":  # inner-product kernels side by side, each checked first
+                        from tq.backends import cupy_backend as cb
+                        saved = cb.SCORES_IMPL
+                        for impl in args.scores_impls.split(","):
+                            cb.SCORES_IMPL = impl
+                            sc_rows_i = np_of(be.scores(plan, qin, parts)[:, rdev])
+                            err = check(plan, x_rows, take_rows(parts, rows, rdev), q_np, sc_rows_i,
+                                        dec_rows)["scores_max_rel_err"]
+                            t, samples = events_time(torch, fns["inner_product"], rep, inner=inner)
+                            gbps = bytes_moved["inner_product"] / t / 1e9
+                            row.setdefault("scores_impls", {})[impl] = {
+                                "ms": t * 1e3, "GBps": gbps, "fraction_of_copy": gbps * 1e9 / bw,
+                                "tensor_cores": cb.mma_scores_ok(plan), "scores_max_rel_err": err,
+                                "samples_ms": [s_ * 1e3 for s_ in samples]}
+                        cb.SCORES_IMPL = saved
                     del parts
                     cp.get_default_memory_pool().free_all_blocks()
                     torch.cuda.empty_cache()
@@ -192,7 +211,11 @@ def main():
                                       f"({100 * row[op]['fraction_of_copy']:3.0f}%)" for op in fns)
                           + f"  exact={found['bytes_identical']} dec_err={found['decode_max_rel_err']:.1e}"
                           f" sc_err={found['scores_max_rel_err']:.1e}", flush=True)
-                    write(args.out, env, results)  # partial results survive a timeout
+                    for impl, v in row.get("scores_impls", {}).items():
+                        print(f"      scores[{impl}{'/tc' if v['tensor_cores'] else ''}] {v['ms']:7.2f} ms "
+                              f"{v['GBps']:6.0f} GB/s ({100 * v['fraction_of_copy']:3.0f}%) err={v['scores_max_rel_err']:.1e}",
+                              flush=True)
+                    write(args.out, env, results, stem=args.stem)  # partial results survive a timeout
 
     # registers / local memory of the fast kernels used here (diagnostics)
     from tq.backends import cupy_backend as cb
@@ -200,13 +223,14 @@ def main():
     env["kernels"] = {f"{k[0]}<{k[1]},{k[2]},{k[3]}>": {"regs": kern.num_regs, "local_bytes": kern.local_size_bytes}
                       for k, kern in sorted(cb.FAST_KERNELS.items())}
     env["wall_seconds"] = round(time.time() - t_start, 1)
-    write(args.out, env, results)
+    write(args.out, env, results, stem=args.stem)
 
 
-def write(out_dir, env, results, extra_notes=""):
+def write(out_dir, env, results, extra_notes="", stem="gpu_throughput"):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_throughput.json").write_text(json.dumps({"environment": env, "rows": results}, indent=1))
+    env = dict(env, command="python " + " ".join(sys.argv))
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": results}, indent=1))
     runs = any("run" in r for r in results)
     lines = ["| backend | rotation | kind | bits | B/vec | compress ms | GB/s | % copy | decompress ms | GB/s | % copy "
              "| inner product ms | GB/s | % copy | bytes exact vs reference |" + (" run |" if runs else ""),
@@ -230,10 +254,26 @@ def write(out_dir, env, results, extra_notes=""):
         "(float32 output); inner product = n*B/vec + queries*n*4 (float32 scores).  '% copy' is achieved "
         "bandwidth over the device-to-device copy ceiling above.  Times: CUDA events, median of repeats "
         "(CuPy: 3 back-to-back calls per sample).\n")
+    ab = [r for r in results if r.get("scores_impls")]
+    if ab:
+        impls = list(ab[0]["scores_impls"])
+        lines += ["", "Inner-product kernels side by side (same run, same data; ms, % of copy, max error "
+                  "relative to |q| |x|):", "",
+                  "| rotation | kind | bits | " + " | ".join(f"{i} ms | {i} % copy | {i} error" for i in impls)
+                  + " | speed-up |", "|---|---|---|" + "---|---|---|" * len(impls) + "---|"]
+        for r in ab:
+            v = r["scores_impls"]
+            cells = [r["rotation"], r["kind"], str(r["bits"])]
+            for i in impls:
+                tc = " (tensor cores)" if v[i]["tensor_cores"] else ""
+                cells += [f"{v[i]['ms']:.3f}{tc}", f"{100 * v[i]['fraction_of_copy']:.0f}%",
+                          f"{v[i]['scores_max_rel_err']:.1e}"]
+            cells.append(f"{v[impls[-1]]['ms'] / v[impls[0]]['ms']:.2f}x" if len(impls) > 1 else "")
+            lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    text = (f"# gpu_throughput\n\n{head}\n\n{table}\n{notes}\n{extra_notes}"
+    text = (f"# {stem}\n\n{head}\n\n{table}\n{notes}\n{extra_notes}"
             + (f"\nFast kernels (registers / local memory per thread):\n{kern}\n" if kern else ""))
-    (out / "gpu_throughput.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print("\n".join(lines))
 
 

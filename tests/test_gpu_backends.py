@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tq
 from tq.backends import base as backend_base
 
-from test_torch_backend import as_dtype, check_decode_scores, check_encoding, make_input, to_np
+from test_torch_backend import as_dtype, check_decode_scores, check_encoding, make_input, np_parts, to_np
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                         HealthCheck.function_scoped_fixture])
@@ -207,6 +207,9 @@ _SIGS = {
     "sc": ("const unsigned char* codes, const void* norms, const unsigned char* qjl, const void* rnorms, "
            "long long n, int flags, const float* qr, const float* sq, int m, const float* cent, float qscale, "
            "float* out"),
+    "scm": ("const unsigned char* codes, const void* norms, const unsigned char* qjl, const void* rnorms, "
+            "long long n, int flags, const float* qr, const float* sq, int m, const uint4* tables, float cinv, "
+            "float qscale, float* out"),
     "tqq_encode_generic": ("const char* x, long long n, int d, long long ldx, int dt, int flags, int P, int W, "
                            "int B, const float* signs, const float* rmat, const float* qmat, const float* cent, "
                            "const float* bnd, unsigned char* codes, void* norms, unsigned char* qjl, void* rnorms, "
@@ -222,7 +225,8 @@ _SIGS = {
     "tqq_rotate_generic": ("const float* q, long long m, int d, int P, int W, int flags, const float* signs, "
                            "const float* rmat, float* out, char* gs, long long stride"),
 }
-_FAST_KERNEL = {"encode": "enc", "decode": "dec", "scores": "sc"}
+_FAST_KERNEL = {"encode": "enc", "decode": "dec", "scores": "sc", "scores_mma": "scm"}
+_MMA_P, _MMA_BITS = (32, 64, 128, 256), 4  # tqq_scores_mma's instantiations (cupy_backend.MMA_P)
 
 
 def _call_list(sig):
@@ -239,6 +243,8 @@ def _emu_library(configs, build_dir: Path):
 
     for p, b, prod in sorted(configs):
         for kind, short in _FAST_KERNEL.items():
+            if short == "scm" and (p not in _MMA_P or b > _MMA_BITS):
+                continue
             launcher(f"{short}_{p}_{b}_{int(prod)}", _SIGS[short], 128,
                      f"tqq_{kind}<{p}, {b}, {'true' if prod else 'false'}>")
     for name in ("tqq_encode_generic", "tqq_decode_generic", "tqq_scores_generic", "tqq_rotate_generic"):
@@ -298,7 +304,7 @@ def _fake_cupy(build_dir: Path):
 
         def __call__(self, grid, block, args, shared_mem=0):
             assert shared_mem <= max(48 * 1024, self.max_dynamic_shared_size_bytes) and shared_mem <= 227 * 1024
-            m = re.fullmatch(r"tqq_(encode|decode|scores)<(\d+), (\d+), (true|false)>", self.name)
+            m = re.fullmatch(r"tqq_(encode|decode|scores|scores_mma)<(\d+), (\d+), (true|false)>", self.name)
             if m:
                 cfg = (int(m.group(2)), int(m.group(3)), m.group(4) == "true")
                 if cfg not in libs:
@@ -418,3 +424,104 @@ def test_cupy_kernels_in_host_emulation(emulated_cupy, case):
     check_decode_scores(cfg, x, "cupy", cp.asarray, rng)
     with pytest.raises(TypeError, match="cupy"):
         be.asarray(np.zeros((2, d), np.float32))
+
+
+def scores_within_float_tolerance(cfg, x, y, got_fn):
+    """got_fn(quantizer-free compressed, y) must match the NumPy reference's inner products
+    to 1e-5 |y| (|x| + residual norm) per query and row (check_decode_scores' bound)."""
+    qn = tq.Quantizer.from_config(cfg, backend="numpy")
+    cn = qn.compress(x)
+    want = qn.inner_product(y, cn)
+    got = got_fn(cn, y)
+    p = np_parts(cn.parts)
+    nu = p.norms.astype(np.float64) if p.norms.size else 0
+    gam = p.rnorms.astype(np.float64) if p.rnorms.size else 0
+    tol = 1e-5 * np.linalg.norm(y.astype(np.float64), axis=1, keepdims=True) * (nu + gam) + 1e-30
+    assert got.shape == want.shape
+    assert np.all(np.abs(got.astype(np.float64) - want) <= tol), float(np.max(np.abs(got - want) / tol))
+
+
+MMA_EMU_CASES = [  # (dim, bits, kind, rotation, n): tensor-core scores, each MSE width and padded dim
+    (128, 4, "mse", "hadamard", 77),
+    (64, 2, "prod", "hadamard", 41),     # 1 MSE bit + QJL
+    (33, 1, "prod", "hadamard", 9),      # QJL only (0 MSE bits), P = 64
+    (32, 3, "mse", "haar", 40),          # P = 32
+    (256, 4, "prod", "hadamard", 35),    # P = 256, 3 MSE bits
+    (100, 2, "mse", "hadamard", 66),
+]
+
+
+@pytest.mark.parametrize("case", MMA_EMU_CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_tensor_core_scores_in_host_emulation(emulated_cupy, case, monkeypatch):
+    """tqq_scores_mma (float16 hi/lo split on tensor cores) and the float32 kernel both meet the
+    reference's float tolerance: 20 queries (two launches of 16), query scales from 1e-30 to
+    1e30 and a zero query (per-query power-of-two scaling), rows not a multiple of the tile."""
+    mod, cp = emulated_cupy
+    d, bits, kind, rotation, n = case
+    cfg = tq.QuantizerConfig(d, bits, kind=kind, rotation=rotation, seed=5)
+    plan = cfg.plan()
+    rng = np.random.default_rng(d + 7 * bits)
+    x = make_input(rng, n, d, "unit", "float32").astype(np.float32)
+    x[3] = 0.0
+    y = rng.standard_normal((20, d)).astype(np.float32)
+    y[1] *= 1e30
+    y[2] *= 1e-30
+    y[4] = 0.0
+    be = tq.get_backend("cupy")
+    for impl in ("mma", "fma"):
+        monkeypatch.setattr(mod, "SCORES_IMPL", impl)
+        assert mod.mma_scores_ok(plan) == (impl == "mma")
+        scores_within_float_tolerance(
+            cfg, x, y, lambda cn, yy: np.asarray(tq.Quantizer.from_config(cfg, backend="cupy").inner_product(
+                cp.asarray(yy), cn.to("cupy"))))
+    assert isinstance(be, mod.CupyBackend)
+
+
+def test_tensor_core_score_tables():
+    """The replicated pair / sign tables hold the float16 hi/lo split of the scaled centroids."""
+    from tq.backends.cupy_backend import mma_scores_tables
+    cfg = tq.QuantizerConfig(128, 4, kind="prod")
+    plan = cfg.plan()
+    words, cinv = mma_scores_tables(plan.centroids, 3, True)
+    assert words.dtype == np.uint32 and words.size == (64 + 16) * 16 * 2
+    pair = words[:64 * 32].reshape(64, 16, 2)
+    assert np.all(pair == pair[:, :1, :])  # 16 identical copies
+    h = pair[:, 0, :].astype(np.uint32)
+    def halves(w):
+        return (w & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64), \
+            (w >> 16).astype(np.uint16).view(np.float16).astype(np.float64)
+    (h0, h1), (l0, l1) = halves(h[:, 0]), halves(h[:, 1])
+    c = np.asarray(plan.centroids, np.float64)
+    e = np.arange(64)
+    assert np.max(np.abs(c).max() / cinv) < 512 and np.abs(c).max() / cinv >= 256
+    assert np.allclose((h0 + l0) * cinv, c[e & 7], rtol=2e-7, atol=0)
+    assert np.allclose((h1 + l1) * cinv, c[e >> 3], rtol=2e-7, atol=0)
+    sign = words[64 * 32:].reshape(16, 16, 2)[:, 0, :]
+    s = [halves(sign[:, 0])[0], halves(sign[:, 0])[1], halves(sign[:, 1])[0], halves(sign[:, 1])[1]]
+    for k in range(4):
+        assert np.array_equal(s[k], np.where((np.arange(16) >> k) & 1, 1.0, -1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MMA_EMU_CASES + [(128, 3, "prod", "hadamard", 70001), (128, 2, "mse", "haar", 4099)],
+                         ids=lambda c: "-".join(map(str, c[:5])))
+def test_tensor_core_scores_on_gpu(case, monkeypatch):
+    """The same property on the GPU: tqq_scores_mma and the float32 kernel within the float tolerance."""
+    cp = _real_cupy()
+    if cp is None:
+        pytest.skip("needs CuPy and a CUDA GPU")
+    from tq.backends import cupy_backend as cb
+    d, bits, kind, rotation, n = case
+    cfg = tq.QuantizerConfig(d, bits, kind=kind, rotation=rotation, seed=9)
+    rng = np.random.default_rng(n + d)
+    x = make_input(rng, n, d, "unit", "float32").astype(np.float32)
+    x[3] = 0.0
+    y = rng.standard_normal((20, d)).astype(np.float32)
+    y[1] *= 1e30
+    y[2] *= 1e-30
+    y[4] = 0.0
+    qc = tq.Quantizer.from_config(cfg, backend="cupy")
+    for impl in ("mma", "fma"):
+        monkeypatch.setattr(cb, "SCORES_IMPL", impl)
+        assert cb.mma_scores_ok(cfg.plan()) == (impl == "mma")
+        scores_within_float_tolerance(cfg, x, y, lambda cn, yy: cp.asnumpy(qc.inner_product(cp.asarray(yy), cn.to("cupy"))))

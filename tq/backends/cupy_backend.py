@@ -24,6 +24,7 @@ the GPU explicitly.
 from __future__ import annotations
 
 import contextlib
+import os
 import functools
 import warnings
 from pathlib import Path
@@ -76,8 +77,9 @@ def _fast(kind: str, p: int, b: int, prod: bool):
     return FAST_KERNELS[key]
 
 
-def _launch(kern, grid, block, args, smem):
-    if smem > 48 * 1024:
+def _launch(kern, grid, block, args, smem, static_smem=0):
+    """Launch; past 48 KB of shared memory (static + dynamic) the dynamic limit is raised first."""
+    if smem + static_smem > 48 * 1024:
         key = ("smem", id(kern), cp.cuda.runtime.getDevice())
         if _SMEM_SET.get(key, 0) < smem:
             kern.max_dynamic_shared_size_bytes = int(smem)
@@ -183,6 +185,13 @@ def _params(plan, dev: int):
         return plan.cached(("cupy", dev), make)
 
 
+def _mma_tables(plan, prm):
+    if "mma_tab" not in prm:
+        words, cinv = mma_scores_tables(plan.centroids, plan.config.mse_bits, plan.config.kind == "prod")
+        prm["mma_tab"] = {"words": cp.asarray(words), "cinv": cinv}
+    return prm["mma_tab"]
+
+
 def _or(a, prm):
     return prm["dummy"] if a is None else a
 
@@ -226,6 +235,62 @@ def fast_decode_smem(p: int, prod: bool, haar: bool) -> int:
 
 def fast_scores_smem(p: int, mc: int, prod: bool) -> int:
     return (256 + mc * p * (2 if prod else 1)) * 4
+
+
+MMA_P = (32, 64, 128, 256)  # tqq_scores_mma: padded dims and at most 4 MSE bits
+MMA_MAX_BITS = 4
+# "auto" (tensor cores where tqq_scores_mma applies), "mma" (the same) or "fma" (the
+# float32 kernel everywhere: the A/B baseline of benchmarks/bench_gpu.py)
+SCORES_IMPL = os.environ.get("TQ_CUPY_SCORES", "auto")
+
+
+def mma_scores_ok(plan) -> bool:
+    return (SCORES_IMPL != "fma" and _fast_ok(plan) and plan.padded_dim in MMA_P
+            and plan.config.mse_bits <= MMA_MAX_BITS)
+
+
+def mma_scores_smem(p: int, b: int, prod: bool) -> int:
+    """Dynamic shared bytes of tqq_scores_mma (layout in quant_fast.cu; the tables are static)."""
+    frag = (p // 16) * 2 * 32 * 16
+    return (frag if b else 0) + (frag if prod else 0) + 16 * p * 4 + 32 * 4
+
+
+def mma_scores_static_smem(b: int, prod: bool) -> int:
+    """Static shared bytes of tqq_scores_mma: the replicated pair and sign tables."""
+    return ((1 << (2 * b)) * 128 if b else 0) + (16 * 128 if prod else 0)
+
+
+def mma_scores_tables(centroids, bits: int, prod: bool):
+    """(uint32 words of the replicated pair and sign tables, 1 / centroid scale).
+
+    Pair entry e = a | b << bits (codes of coordinates 2j, 2j+1) holds {hi, lo}
+    half2 words of the scaled centroids (c_a, c_b); sign entry e (4 QJL bits,
+    LSB first) holds the half2 words (+-1, +-1) of bits 0, 1 and of bits 2, 3.
+    Each entry is stored 16 times, copy i at byte e * 128 + i * 8 (bank pair i).
+    """
+    words = []
+    cinv = 1.0
+    if bits:
+        c = np.asarray(centroids, dtype=np.float32)
+        mx = float(np.max(np.abs(c)))
+        e = 0 if mx == 0 else 9 - int(np.frexp(mx)[1])  # max |c| 2^e in [256, 512)
+        cs = (c * np.float32(2.0 ** e)).astype(np.float32)
+        hi = cs.astype(np.float16)
+        lo = (cs - hi.astype(np.float32)).astype(np.float16)
+        hv, lv = hi.view(np.uint16).astype(np.uint32), lo.view(np.uint16).astype(np.uint32)
+        idx = np.arange(1 << (2 * bits))
+        a, b = idx & ((1 << bits) - 1), idx >> bits
+        pair = np.stack([hv[a] | hv[b] << 16, lv[a] | lv[b] << 16], axis=1)  # (entries, 2)
+        words.append(np.repeat(pair[:, None, :], 16, axis=1).reshape(-1))
+        cinv = 2.0 ** -e
+    if prod:
+        one, mone = np.uint32(0x3C00), np.uint32(0xBC00)
+        nib = np.arange(16)
+        sgn = [np.where((nib >> k) & 1, one, mone).astype(np.uint32) for k in range(4)]
+        sign = np.stack([sgn[0] | sgn[1] << 16, sgn[2] | sgn[3] << 16], axis=1)
+        words.append(np.repeat(sign[:, None, :], 16, axis=1).reshape(-1))
+    out = np.concatenate(words).astype(np.uint32) if words else np.zeros(4, np.uint32)
+    return out, cinv
 
 
 def generic_scratch_bytes(w: int) -> int:
@@ -388,7 +453,18 @@ def scores(plan, q, parts):
         flags = _flags(plan)
         qscale = np.float32(plan.qjl_scale)
         oc = _raw(out)
-        if _fast_ok(plan):
+        if mma_scores_ok(plan):
+            tab = _mma_tables(plan, prm)
+            kern = _fast("scores_mma", p, b, prod)
+            smem = mma_scores_smem(p, b, prod)
+            blocks_per_sm = 3 if (prod or p > 128) else 4
+            grid = min(-(-n // (32 * 4)), _num_sms(dev) * blocks_per_sm)
+            for q0 in range(0, m, _QC):
+                mc = min(_QC, m - q0)
+                args = (*pa, _i64(n), _i32(flags), qr[q0:q0 + mc], sq[q0:q0 + mc] if prod else sq,
+                        _i32(mc), tab["words"], np.float32(tab["cinv"]), qscale, oc[q0:q0 + mc])
+                _launch(kern, grid, _NT, args, smem, mma_scores_static_smem(b, prod))
+        elif _fast_ok(plan):
             tr = tile_rows(p)
             grid = min(-(-n // tr), _num_sms(dev) * 16)
             kern = _fast("scores", p, b, prod)

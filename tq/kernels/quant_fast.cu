@@ -691,3 +691,313 @@ tqq_scores(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
     }
   }
 }
+
+// ------------------------------------------------------------ inner products on tensor cores
+// The same scores as tqq_scores, for P = 32..256 and B <= 4 MSE bits, with
+// mma.sync m16n8k16 (f16 inputs, f32 accumulation): M = 16 queries, N = 8 rows,
+// K = 16 coordinates.  float32 accuracy from float16 operands by splitting
+// both sides, x = hi + lo: <q, c> = q_hi c_hi + q_hi c_lo + q_lo c_hi (the lo lo
+// term is below float32 rounding).  QJL signs are exact in float16, so the
+// QJL term is s q_hi + s q_lo.  Queries are scaled by a power of two per
+// query (max |q| to [256, 512)) and the centroid tables by one per codebook,
+// so no hi or lo part under- or overflows; the scales are undone on output.
+//
+// K order: lane (g, t) = (lane / 4, lane % 4) of a warp owns the coordinates
+// [t P/4, (t+1) P/4) of row g of its 8-row tile; k-step s takes its
+// coordinates 4s..4s+3 as the fragment positions 2t, 2t+1 (b0) and 2t+8, 2t+9
+// (b1).  The A fragment (queries) uses the same positions for the same lane,
+// so a lane's codes are contiguous bytes (one 16-byte load for P = 128, B = 4)
+// and its query fragments are built once per block into shared memory.
+//
+// Centroid look-ups go through pair tables: a pair of codes (2B bits) indexes
+// a {hi, lo} pair of half2 words, i.e. b0 or b1 directly.  The tables are
+// replicated 16 times, copy i in bank pair i, and lane l reads copy l % 16:
+// a random look-up by 32 lanes costs the minimum two shared-memory wavefronts.
+// Shared memory: static pair table 2^(2B) * 128 B | sign table 2 KB (prod); dynamic:
+// A fragments (P/16 steps x {hi, lo} x 32 lanes x 16 B, twice for prod) |
+// staged scaled queries 16 P floats | inverse scales 32 floats.
+#define TQQ_MMA_TILES 4  // 8-row tiles per warp iteration (32 rows)
+// resident blocks per SM: 4 (128 registers) where the kernel fits, else 3
+#ifndef TQQ_SCM_MINB
+#define TQQ_SCM_MINB(P, PROD) (((PROD) || (P) > 128) ? 3 : 4)
+#endif
+
+TQQ_D void tqq_mma16816(float (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
+#ifdef TQQ_HOST
+  tqq_emu_mma16816(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+#endif
+}
+
+// {lo, hi} float16 pair (lo in bits 0..15) and the float16 residual pair
+TQQ_D void tqq_split_h2(float x0, float x1, tqq_u32& hi, tqq_u32& lo) {
+  tqq_u16 h0 = tqq_f2h(x0), h1 = tqq_f2h(x1);
+  hi = (tqq_u32)h0 | ((tqq_u32)h1 << 16);
+  tqq_u16 l0 = tqq_f2h(tqq_sub(x0, tqq_h2f(h0))), l1 = tqq_f2h(tqq_sub(x1, tqq_h2f(h1)));
+  lo = (tqq_u32)l0 | ((tqq_u32)l1 << 16);
+}
+
+// byte offset (field << 7) of the F-bit field at bit `pos` of the lane's words
+template <int POS, int F>
+TQQ_D tqq_u32 tqq_field128(const tqq_u32* W) {
+  constexpr int w = POS >> 5, sh = POS & 31;
+  constexpr tqq_u32 mask = ((1u << F) - 1u) << 7;
+  tqq_u32 x;
+  if constexpr (sh < 7)
+    x = W[w] << (7 - sh);
+  else if constexpr (sh + F <= 32)
+    x = W[w] >> (sh - 7);
+  else
+    x = __funnelshift_r(W[w], W[w + 1], sh - 7);
+  return x & mask;
+}
+
+// 8-byte shared-memory load at byte offset off of a table (ld.shared with a 32-bit address)
+TQQ_D uint2 tqq_lds64(const char* table, tqq_u32 off) {
+#ifdef TQQ_HOST
+  return *(const uint2*)(table + off);
+#else
+  uint2 v;
+  const tqq_u32 a = (tqq_u32)__cvta_generic_to_shared(table) + off;
+  asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
+  return v;
+#endif
+}
+
+template <int I>
+struct TQQInt {
+  static constexpr int value = I;
+};
+template <int I, int N, typename F>
+TQQ_D void tqq_static_for(F&& f) {  // f(TQQInt<I>{}) for I = 0..N-1, unrolled at compile time
+  if constexpr (I < N) {
+    f(TQQInt<I>{});
+    tqq_static_for<I + 1, N>(f);
+  }
+}
+
+// Build one query set's A fragments: qs[16][P] (scaled, zero rows past m) -> frag[s][hl][lane]
+template <int P>
+TQQ_D void tqq_build_frags(const float* qs, uint4* frag, int warp, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  for (int s = warp; s < P / 16; s += TQQ_NT / 32) {
+    const float* r0 = qs + g * P + t * (P / 4) + 4 * s;
+    const float* r1 = r0 + 8 * P;
+    uint4 h, l;
+    tqq_split_h2(r0[0], r0[1], h.x, l.x);
+    tqq_split_h2(r1[0], r1[1], h.y, l.y);
+    tqq_split_h2(r0[2], r0[3], h.z, l.z);
+    tqq_split_h2(r1[2], r1[3], h.w, l.w);
+    frag[(2 * s) * 32 + lane] = h;
+    frag[(2 * s + 1) * 32 + lane] = l;
+  }
+}
+
+// Stage up to 16 queries (m x P floats) scaled by 2^e_r, max |q_r| 2^e_r in [256, 512);
+// inv[r] = 2^-e_r * extra.  Zero rows for r >= m.  All threads of the block.
+template <int P>
+TQQ_D void tqq_stage_queries(const float* __restrict__ q, int m, float* qs, float* inv, float extra) {
+  const int tid = threadIdx.x, r = tid >> 3, part = tid & 7;  // 8 threads per query
+  float mx = 0.f;
+  if (r < m)
+    for (int j = part; j < P; j += 8) mx = fmaxf(mx, fabsf(q[r * P + j]));
+  mx = fmaxf(mx, __shfl_xor_sync(TQQ_FULL, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(TQQ_FULL, mx, 2));
+  mx = fmaxf(mx, __shfl_xor_sync(TQQ_FULL, mx, 4));
+  // mx = f 2^x, f in [0.5, 1): scale 2^(9 - x), clamped to a normal float32 power
+  int x = ((int)((__float_as_uint(mx) >> 23) & 0xffu)) - 126;
+  int e = mx > 0.f ? 9 - x : 0;
+  e = e > 126 ? 126 : (e < -126 ? -126 : e);
+  const float sc = __uint_as_float((tqq_u32)(e + 127) << 23);
+  const float isc = __uint_as_float((tqq_u32)(127 - e) << 23);
+  for (int j = part; j < P; j += 8) qs[r * P + j] = r < m ? tqq_mul(q[r * P + j], sc) : 0.f;
+  if (part == 0) inv[r] = tqq_mul(isc, extra);
+}
+
+template <int P, int B, bool PROD>
+__global__ void __launch_bounds__(TQQ_NT, TQQ_SCM_MINB(P, PROD))
+tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, const tqq_u8* __restrict__ qjl,
+               const void* __restrict__ rnorms, tqq_i64 n, int flags, const float* __restrict__ qr,
+               const float* __restrict__ sq, int m, const uint4* __restrict__ tables, float cinv, float qscale,
+               float* __restrict__ out) {
+  static_assert(P >= 32 && P <= 256 && (P & (P - 1)) == 0 && B <= 4, "tensor-core scores: P 32..256, B <= 4");
+  constexpr int KS = P / 16;                  // k-steps
+  constexpr int TBC = P * B / 32;             // code bytes per lane per row
+  constexpr int NWC = B > 0 ? (TBC + 3) / 4 : 1;
+  constexpr int TBQ = P / 32;                 // sign bytes per lane per row
+  constexpr int NWQ = (TBQ + 3) / 4;
+  constexpr int CB = P * B / 8, QBR = P / 8;  // bytes per row
+  constexpr int PAIR_BYTES = B > 0 ? (1 << (2 * B)) * 128 : 0;
+  constexpr int SIGN_BYTES = PROD ? 16 * 128 : 0;
+  constexpr int FRAG = KS * 2 * 32;           // uint4 per query set
+  constexpr int NT = TQQ_MMA_TILES;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool f16n = flags & TQQ_NORM_F16;
+
+  // the look-up tables are static shared memory: their addresses are compile-time
+  // constants, folded into the LDS offsets (a dynamic base would cost an add per look-up)
+  __shared__ uint4 s_tab[(PAIR_BYTES + SIGN_BYTES) / 16];
+  char* s_pair = (char*)s_tab;
+  char* s_sign = s_pair + PAIR_BYTES;
+  TQQ_SMEM(tqq_smem);
+  uint4* s_fq = (uint4*)tqq_smem;
+  uint4* s_fs = s_fq + (B > 0 ? FRAG : 0);
+  float* s_qs = (float*)(s_fs + (PROD ? FRAG : 0));
+  float* s_inv = s_qs + 16 * P;  // [0, 16) MSE query scales, [16, 32) QJL
+
+  for (int i = tid; i < (PAIR_BYTES + SIGN_BYTES) / 16; i += TQQ_NT) ((uint4*)s_pair)[i] = tables[i];
+  if constexpr (B > 0) {
+    tqq_stage_queries<P>(qr, m, s_qs, s_inv, cinv);
+    __syncthreads();
+    tqq_build_frags<P>(s_qs, s_fq, warp, lane);
+    __syncthreads();
+  }
+  if constexpr (PROD) {
+    tqq_stage_queries<P>(sq, m, s_qs, s_inv + 16, 1.0f);
+    __syncthreads();
+    tqq_build_frags<P>(s_qs, s_fs, warp, lane);
+  }
+  __syncthreads();
+  const float iq0 = s_inv[g], iq1 = s_inv[g + 8];
+  const float is0 = s_inv[16 + g], is1 = s_inv[24 + g];
+  const tqq_u32 lane_off = (tqq_u32)(lane & 15) << 3;
+
+  const tqq_i64 iters = (n + 8 * NT - 1) / (8 * NT);
+  const tqq_i64 wstride = (tqq_i64)gridDim.x * (TQQ_NT / 32);
+  const tqq_i64 it0 = (tqq_i64)blockIdx.x * (TQQ_NT / 32) + warp;
+
+  // The main loop, compiled once per norm dtype (no per-load branch).
+  auto loop = [&](auto norm_f16) {
+    constexpr bool F16 = decltype(norm_f16)::value == 1;
+    auto ld_norm = [](const void* p, tqq_i64 r) {
+      return F16 ? tqq_h2f(__ldg((const tqq_u16*)p + r)) : __ldg((const float*)p + r);
+    };
+    // next iteration's codes, signs and norms; in the last, partial iteration rows past n
+    // are clamped to n - 1 (loaded, never stored)
+    tqq_u32 Wn[NT][NWC], Qn[NT][NWQ];
+    float nun[NT][2], gnn[NT][2];
+    auto fetch = [&](tqq_i64 i0) {
+      const tqq_i64 rb = i0 * (8 * NT);
+      if (rb + 8 * NT <= n) {
+        const tqq_u8* pc = codes + (rb + g) * CB + t * TBC;
+        const tqq_u8* pq = qjl + (rb + g) * QBR + t * TBQ;
+        const tqq_i64 rn = rb + 2 * t;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          if constexpr (B > 0) {
+            tqq_load_bytes<TBC>(Wn[i], pc + i * 8 * CB);
+            nun[i][0] = ld_norm(norms, rn + 8 * i);
+            nun[i][1] = ld_norm(norms, rn + 8 * i + 1);
+          }
+          if constexpr (PROD) {
+            tqq_load_bytes<TBQ>(Qn[i], pq + i * 8 * QBR);
+            gnn[i][0] = ld_norm(rnorms, rn + 8 * i) * qscale;
+            gnn[i][1] = ld_norm(rnorms, rn + 8 * i + 1) * qscale;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          const tqq_i64 ri = rb + 8 * i, last = n - 1;
+          const tqq_i64 rc = ri + g < n ? ri + g : last;
+          const tqq_i64 r0 = ri + 2 * t < n ? ri + 2 * t : last, r1 = ri + 2 * t + 1 < n ? ri + 2 * t + 1 : last;
+          if constexpr (B > 0) {
+            tqq_load_bytes<TBC>(Wn[i], codes + rc * CB + t * TBC);
+            nun[i][0] = ld_norm(norms, r0);
+            nun[i][1] = ld_norm(norms, r1);
+          }
+          if constexpr (PROD) {
+            tqq_load_bytes<TBQ>(Qn[i], qjl + rc * QBR + t * TBQ);
+            gnn[i][0] = ld_norm(rnorms, r0) * qscale;
+            gnn[i][1] = ld_norm(rnorms, r1) * qscale;
+          }
+        }
+      }
+    };
+    tqq_i64 it = it0;
+    if (it < iters) fetch(it);
+    for (; it < iters; it += wstride) {
+      tqq_u32 W[NT][NWC], Q[NT][NWQ];
+      float nu[NT][2], gn[NT][2];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int w = 0; w < NWC; ++w) W[i][w] = Wn[i][w];
+#pragma unroll
+        for (int w = 0; w < NWQ; ++w) Q[i][w] = Qn[i][w];
+        nu[i][0] = nun[i][0]; nu[i][1] = nun[i][1];
+        gn[i][0] = gnn[i][0]; gn[i][1] = gnn[i][1];
+      }
+      if (it + wstride < iters) fetch(it + wstride);
+
+      float acc[NT][4], acs[NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][k] = acs[i][k] = 0.f;
+
+      tqq_static_for<0, KS>([&](auto sc) {
+        constexpr int s = decltype(sc)::value;
+        if constexpr (B > 0) {
+          const uint4 ah = s_fq[(2 * s) * 32 + lane], al = s_fq[(2 * s + 1) * 32 + lane];
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            const uint2 e0 = tqq_lds64(s_pair, tqq_field128<(2 * s) * 2 * B, 2 * B>(W[i]) | lane_off);
+            const uint2 e1 = tqq_lds64(s_pair, tqq_field128<(2 * s + 1) * 2 * B, 2 * B>(W[i]) | lane_off);
+            tqq_mma16816(acc[i], ah, e0.x, e1.x);
+            tqq_mma16816(acc[i], ah, e0.y, e1.y);
+            tqq_mma16816(acc[i], al, e0.x, e1.x);
+          }
+        }
+        if constexpr (PROD) {
+          const uint4 sh = s_fs[(2 * s) * 32 + lane], sl = s_fs[(2 * s + 1) * 32 + lane];
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            const uint2 e = tqq_lds64(s_sign, tqq_field128<4 * s, 4>(Q[i]) | lane_off);
+            tqq_mma16816(acs[i], sh, e.x, e.y);
+            tqq_mma16816(acs[i], sl, e.x, e.y);
+          }
+        }
+      });
+
+      // c[0], c[1]: query g, rows 2t, 2t+1 of the tile; c[2], c[3]: query g + 8
+      const tqq_i64 rb = it * (8 * NT);
+      const bool full = rb + 8 * NT <= n && (n & 1) == 0;  // float2 stores: 8-byte aligned, in range
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        const tqq_i64 r0 = rb + 8 * i + 2 * t;
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int c = k & 1;
+          float x = 0.f;
+          if constexpr (B > 0) x = acc[i][k] * (k < 2 ? iq0 : iq1) * nu[i][c];
+          if constexpr (PROD) x = fmaf(acs[i][k] * (k < 2 ? is0 : is1), gn[i][c], x);
+          v[k] = x;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int qi = g + 8 * h;
+          if (qi < m) {
+            float* o = out + (tqq_i64)qi * n + r0;
+            if (full) {
+              *(float2*)o = make_float2(v[2 * h], v[2 * h + 1]);
+            } else {
+              if (r0 < n) o[0] = v[2 * h];
+              if (r0 + 1 < n) o[1] = v[2 * h + 1];
+            }
+          }
+        }
+      }
+    }
+  };
+  if (f16n)
+    loop(TQQInt<1>{});
+  else
+    loop(TQQInt<0>{});
+}

@@ -24,8 +24,14 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+// static shared memory: one object per kernel instantiation, which is right because
+// tqq_emu_launch runs the blocks one after another
+#define __shared__ static
 
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 struct tqq_dim3 { unsigned x, y, z; };
@@ -34,6 +40,7 @@ struct TQQEmuBlock {
   std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<std::barrier<>>> wbar;
   std::vector<std::uint64_t> wbuf;
+  std::vector<uint4> wfrag;  // mma emulation: each lane's A fragment, then {b0, b1}
   std::vector<float4> smem;
 };
 
@@ -72,6 +79,48 @@ inline unsigned __ballot_sync(unsigned, bool p) {
   return m;
 }
 
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned n) {
+  return (unsigned)((((std::uint64_t)hi << 32) | lo) >> (n & 31u));
+}
+
+// mma.sync.m16n8k16.row.col.f32.f16.f16.f32 for one warp, fragment layout as in the
+// PTX ISA (g = lane / 4, t = lane % 4): A a.x = (g, 2t..2t+1), a.y = (g+8, 2t..),
+// a.z = (g, 2t+8..), a.w = (g+8, 2t+8..); B b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g);
+// C c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1).  Products of
+// float16 values are exact in double; each output is rounded once onto c.
+inline void tqq_emu_mma16816(float (&c)[4], const uint4& a, unsigned b0, unsigned b1) {
+  const int tid = threadIdx.x, w = tid >> 5, l = tid & 31;
+  auto h = [](unsigned word, int hi) {
+    const unsigned short u = (unsigned short)(hi ? word >> 16 : word & 0xffffu);
+    _Float16 x;
+    std::memcpy(&x, &u, 2);
+    return (double)x;
+  };
+  tqq_emu_blk->wfrag[2 * tid] = a;
+  tqq_emu_blk->wfrag[2 * tid + 1] = uint4{b0, b1, 0u, 0u};
+  tqq_emu_blk->wbar[w]->arrive_and_wait();
+  double A[16][16], Bm[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const uint4 fa = tqq_emu_blk->wfrag[2 * ((w << 5) | lane)], fb = tqq_emu_blk->wfrag[2 * ((w << 5) | lane) + 1];
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned av[4] = {fa.x, fa.y, fa.z, fa.w};
+    for (int r = 0; r < 4; ++r)
+      for (int e = 0; e < 2; ++e) A[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = h(av[r], e);
+    for (int e = 0; e < 2; ++e) {
+      Bm[2 * t + e][g] = h(fb.x, e);
+      Bm[2 * t + 8 + e][g] = h(fb.y, e);
+    }
+  }
+  tqq_emu_blk->wbar[w]->arrive_and_wait();
+  const int g = l >> 2, t = l & 3;
+  for (int k = 0; k < 4; ++k) {
+    const int row = g + 8 * (k >> 1), col = 2 * t + (k & 1);
+    double s = 0.0;
+    for (int j = 0; j < 16; ++j) s += A[row][j] * Bm[j][col];
+    c[k] = (float)((double)c[k] + s);
+  }
+}
+
 // One rounding per call; the host compiler must not contract (-ffp-contract=off).
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
@@ -99,6 +148,7 @@ inline void tqq_emu_launch(int grid, int block, std::size_t smem, F body) {
     blk.bar = std::make_unique<std::barrier<>>(block);
     for (int w = 0; w < (block + 31) / 32; ++w) blk.wbar.push_back(std::make_unique<std::barrier<>>(32));
     blk.wbuf.assign((block + 31) / 32 * 32, 0);
+    blk.wfrag.assign((block + 31) / 32 * 64, uint4{0u, 0u, 0u, 0u});
     blk.smem.assign(smem / 16 + 1, float4{NAN, NAN, NAN, NAN});  // poisoned, like uninitialized memory
     std::vector<std::thread> ts;
     for (int t = 0; t < block; ++t)
