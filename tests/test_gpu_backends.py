@@ -478,28 +478,37 @@ def test_tensor_core_scores_in_host_emulation(emulated_cupy, case, monkeypatch):
 
 
 def test_tensor_core_score_tables():
-    """The replicated pair / sign tables hold the float16 hi/lo split of the scaled centroids."""
+    """The replicated pair / sign tables: float16 c_hi, int8 c_lo 2^10 and c_hi / 4 of the
+    scaled centroids (c_hi + c_lo = c to float32 precision), and +-1 signs."""
     from tq.backends.cupy_backend import mma_scores_tables
-    cfg = tq.QuantizerConfig(128, 4, kind="prod")
-    plan = cfg.plan()
+    plan = tq.QuantizerConfig(128, 4, kind="prod").plan()
     words, cinv = mma_scores_tables(plan.centroids, 3, True)
-    assert words.dtype == np.uint32 and words.size == (64 + 16) * 16 * 2
+    assert words.dtype == np.uint32 and words.size == 64 * 16 * 2 + 16 * 16 * 4
     pair = words[:64 * 32].reshape(64, 16, 2)
     assert np.all(pair == pair[:, :1, :])  # 16 identical copies
-    h = pair[:, 0, :].astype(np.uint32)
-    def halves(w):
-        return (w & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64), \
-            (w >> 16).astype(np.uint16).view(np.float16).astype(np.float64)
-    (h0, h1), (l0, l1) = halves(h[:, 0]), halves(h[:, 1])
-    c = np.asarray(plan.centroids, np.float64)
+    hw, iw = pair[:, 0, 0], pair[:, 0, 1]
+
+    def f16(w):
+        return w.astype(np.uint16).view(np.float16).astype(np.float64)
+
+    def s8(w, i):
+        return ((w >> (8 * i)) & 0xFF).astype(np.uint8).view(np.int8).astype(np.float64)
+
+    c = np.asarray(plan.centroids, np.float64) / cinv
     e = np.arange(64)
-    assert np.max(np.abs(c).max() / cinv) < 512 and np.abs(c).max() / cinv >= 256
-    assert np.allclose((h0 + l0) * cinv, c[e & 7], rtol=2e-7, atol=0)
-    assert np.allclose((h1 + l1) * cinv, c[e >> 3], rtol=2e-7, atol=0)
-    sign = words[64 * 32:].reshape(16, 16, 2)[:, 0, :]
-    s = [halves(sign[:, 0])[0], halves(sign[:, 0])[1], halves(sign[:, 1])[0], halves(sign[:, 1])[1]]
+    assert 256 <= np.abs(c).max() < 512
+    for half, codes in ((0, e & 7), (1, e >> 3)):
+        hi = f16((hw >> (16 * half)) & 0xFFFF)
+        assert np.array_equal(hi, c[codes].astype(np.float32).astype(np.float16).astype(np.float64))
+        assert np.all(np.abs(s8(iw, half) / 1024 - (c[codes] - hi)) <= 0.5 / 1024 + 1e-9)  # c_lo
+        assert np.all(np.abs(s8(iw, 2 + half) * 4 - hi) <= 2.0 + 1e-9)                  # c_hi / 4
+    sign = words[64 * 32:].reshape(16, 16, 4)[:, 0, :]
+    nib = np.arange(16)
     for k in range(4):
-        assert np.array_equal(s[k], np.where((np.arange(16) >> k) & 1, 1.0, -1.0))
+        want = np.where((nib >> k) & 1, 1.0, -1.0)
+        assert np.array_equal(f16((sign[:, k // 2] >> (16 * (k % 2))) & 0xFFFF), want)
+        assert np.array_equal(s8(sign[:, 2], k), want)
+    assert np.all(sign[:, 3] == 0)
 
 
 @pytest.mark.gpu

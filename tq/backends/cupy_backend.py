@@ -257,16 +257,23 @@ def mma_scores_smem(p: int, b: int, prod: bool) -> int:
 
 def mma_scores_static_smem(b: int, prod: bool) -> int:
     """Static shared bytes of tqq_scores_mma: the replicated pair and sign tables."""
-    return ((1 << (2 * b)) * 128 if b else 0) + (16 * 128 if prod else 0)
+    return ((1 << (2 * b)) * 128 if b else 0) + (16 * 256 if prod else 0)
+
+
+def _i8(x, scale):
+    return np.clip(np.rint(np.asarray(x, np.float64) * scale), -127, 127).astype(np.int8).view(np.uint8).astype(np.uint32)
 
 
 def mma_scores_tables(centroids, bits: int, prod: bool):
     """(uint32 words of the replicated pair and sign tables, 1 / centroid scale).
 
-    Pair entry e = a | b << bits (codes of coordinates 2j, 2j+1) holds {hi, lo}
-    half2 words of the scaled centroids (c_a, c_b); sign entry e (4 QJL bits,
-    LSB first) holds the half2 words (+-1, +-1) of bits 0, 1 and of bits 2, 3.
-    Each entry is stored 16 times, copy i at byte e * 128 + i * 8 (bank pair i).
+    Centroids are scaled by 2^e (max |c| to [256, 512)) and split c = c_hi + c_lo,
+    c_hi = float16(c).  Pair entry e = a | b << bits (codes of coordinates 2j, 2j+1),
+    8 bytes: the half2 word (c_hi[a], c_hi[b]) and the int8 word
+    (c_lo[a] 2^10, c_lo[b] 2^10, c_hi[a] / 4, c_hi[b] / 4), each rounded and clamped
+    to +-127.  Sign entry e (4 QJL bits, LSB first), 16 bytes: half2 (+-1, +-1) of bits
+    0, 1 and of bits 2, 3, the four signs as int8, and a zero word.  Each entry is
+    stored 16 times, copy i at byte e * size * 16 + i * size (lane l reads copy l % 16).
     """
     words = []
     cinv = 1.0
@@ -276,18 +283,21 @@ def mma_scores_tables(centroids, bits: int, prod: bool):
         e = 0 if mx == 0 else 9 - int(np.frexp(mx)[1])  # max |c| 2^e in [256, 512)
         cs = (c * np.float32(2.0 ** e)).astype(np.float32)
         hi = cs.astype(np.float16)
-        lo = (cs - hi.astype(np.float32)).astype(np.float16)
-        hv, lv = hi.view(np.uint16).astype(np.uint32), lo.view(np.uint16).astype(np.uint32)
+        lo = cs - hi.astype(np.float32)
+        hv = hi.view(np.uint16).astype(np.uint32)
+        lo8, hi8 = _i8(lo, 1024.0), _i8(hi.astype(np.float32), 0.25)
         idx = np.arange(1 << (2 * bits))
         a, b = idx & ((1 << bits) - 1), idx >> bits
-        pair = np.stack([hv[a] | hv[b] << 16, lv[a] | lv[b] << 16], axis=1)  # (entries, 2)
+        pair = np.stack([hv[a] | hv[b] << 16, lo8[a] | lo8[b] << 8 | hi8[a] << 16 | hi8[b] << 24], axis=1)
         words.append(np.repeat(pair[:, None, :], 16, axis=1).reshape(-1))
         cinv = 2.0 ** -e
     if prod:
-        one, mone = np.uint32(0x3C00), np.uint32(0xBC00)
         nib = np.arange(16)
-        sgn = [np.where((nib >> k) & 1, one, mone).astype(np.uint32) for k in range(4)]
-        sign = np.stack([sgn[0] | sgn[1] << 16, sgn[2] | sgn[3] << 16], axis=1)
+        bit = [(nib >> k) & 1 for k in range(4)]
+        h = [np.where(x, 0x3C00, 0xBC00).astype(np.uint32) for x in bit]
+        s8 = [np.where(x, 0x01, 0xFF).astype(np.uint32) for x in bit]
+        sign = np.stack([h[0] | h[1] << 16, h[2] | h[3] << 16,
+                         s8[0] | s8[1] << 8 | s8[2] << 16 | s8[3] << 24, np.zeros(16, np.uint32)], axis=1)
         words.append(np.repeat(sign[:, None, :], 16, axis=1).reshape(-1))
     out = np.concatenate(words).astype(np.uint32) if words else np.zeros(4, np.uint32)
     return out, cinv

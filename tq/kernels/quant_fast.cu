@@ -716,7 +716,9 @@ tqq_scores(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
 // Shared memory: static pair table 2^(2B) * 128 B | sign table 2 KB (prod); dynamic:
 // A fragments (P/16 steps x {hi, lo} x 32 lanes x 16 B, twice for prod) |
 // staged scaled queries 16 P floats | inverse scales 32 floats.
-#define TQQ_MMA_TILES 4  // 8-row tiles per warp iteration (32 rows)
+// 8-row tiles per warp iteration: 4 (32 rows); 2 with the QJL term, whose accumulators
+// and sign words would not fit in registers four times over
+#define TQQ_MMA_TILES(PROD) ((PROD) ? 2 : 4)
 // resident blocks per SM: 4 (128 registers) where the kernel fits, else 3
 #ifndef TQQ_SCM_MINB
 #define TQQ_SCM_MINB(P, PROD) (((PROD) || (P) > 128) ? 3 : 4)
@@ -733,26 +735,46 @@ TQQ_D void tqq_mma16816(float (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
 #endif
 }
 
-// {lo, hi} float16 pair (lo in bits 0..15) and the float16 residual pair
-TQQ_D void tqq_split_h2(float x0, float x1, tqq_u32& hi, tqq_u32& lo) {
-  tqq_u16 h0 = tqq_f2h(x0), h1 = tqq_f2h(x1);
-  hi = (tqq_u32)h0 | ((tqq_u32)h1 << 16);
-  tqq_u16 l0 = tqq_f2h(tqq_sub(x0, tqq_h2f(h0))), l1 = tqq_f2h(tqq_sub(x1, tqq_h2f(h1)));
-  lo = (tqq_u32)l0 | ((tqq_u32)l1 << 16);
+TQQ_D void tqq_imma16832(int (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
+#ifdef TQQ_HOST
+  tqq_emu_imma16832(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+#endif
 }
 
-// byte offset (field << 7) of the F-bit field at bit `pos` of the lane's words
-template <int POS, int F>
-TQQ_D tqq_u32 tqq_field128(const tqq_u32* W) {
+// float16 pair {x0, x1} (x0 in bits 0..15)
+TQQ_D tqq_u32 tqq_h2(float x0, float x1) { return (tqq_u32)tqq_f2h(x0) | ((tqq_u32)tqq_f2h(x1) << 16); }
+// x minus its float16 rounding (exact in float32)
+TQQ_D float tqq_h_resid(float x) { return tqq_sub(x, tqq_h2f(tqq_f2h(x))); }
+// four int8, each round(x * scale) clamped to [-127, 127], x0 in the low byte
+TQQ_D tqq_u32 tqq_i8x4(float x0, float x1, float x2, float x3, float scale) {
+  const float v[4] = {x0, x1, x2, x3};
+  tqq_u32 w = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    int q = __float2int_rn(tqq_mul(v[k], scale));
+    q = q > 127 ? 127 : (q < -127 ? -127 : q);
+    w |= ((tqq_u32)q & 0xffu) << (8 * k);
+  }
+  return w;
+}
+
+// (field << SH) for the F-bit field at bit POS of the lane's words
+template <int POS, int F, int SH>
+TQQ_D tqq_u32 tqq_field(const tqq_u32* W) {
   constexpr int w = POS >> 5, sh = POS & 31;
-  constexpr tqq_u32 mask = ((1u << F) - 1u) << 7;
+  constexpr tqq_u32 mask = ((1u << F) - 1u) << SH;
   tqq_u32 x;
-  if constexpr (sh < 7)
-    x = W[w] << (7 - sh);
+  if constexpr (sh < SH)
+    x = W[w] << (SH - sh);
   else if constexpr (sh + F <= 32)
-    x = W[w] >> (sh - 7);
+    x = W[w] >> (sh - SH);
   else
-    x = __funnelshift_r(W[w], W[w + 1], sh - 7);
+    x = __funnelshift_r(W[w], W[w + 1], sh - SH);
   return x & mask;
 }
 
@@ -764,6 +786,16 @@ TQQ_D uint2 tqq_lds64(const char* table, tqq_u32 off) {
   uint2 v;
   const tqq_u32 a = (tqq_u32)__cvta_generic_to_shared(table) + off;
   asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
+  return v;
+#endif
+}
+TQQ_D uint4 tqq_lds128(const char* table, tqq_u32 off) {
+#ifdef TQQ_HOST
+  return *(const uint4*)(table + off);
+#else
+  uint4 v;
+  const tqq_u32 a = (tqq_u32)__cvta_generic_to_shared(table) + off;
+  asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
   return v;
 #endif
 }
@@ -780,20 +812,36 @@ TQQ_D void tqq_static_for(F&& f) {  // f(TQQInt<I>{}) for I = 0..N-1, unrolled a
   }
 }
 
-// Build one query set's A fragments: qs[16][P] (scaled, zero rows past m) -> frag[s][hl][lane]
-template <int P>
+// One query set's A fragments from qs[16][P] (scaled, zero rows past m), per k-step s:
+// frag[2s] = float16 hi parts (m16n8k16 A); frag[2s+1] = the int8 A of the correction.
+// MSE (QJL false): {hi/4 of rows g, g+8 | lo*2^10 of rows g, g+8} for this step's 4
+// coordinates, against B = {c_lo*2^10 | c_hi/4}.  QJL: for even s only, {lo*2^10 of rows
+// g, g+8 at step s | the same at step s+1}, against B = the int8 signs of both steps.
+template <int P, bool QJL>
 TQQ_D void tqq_build_frags(const float* qs, uint4* frag, int warp, int lane) {
   const int g = lane >> 2, t = lane & 3;
   for (int s = warp; s < P / 16; s += TQQ_NT / 32) {
     const float* r0 = qs + g * P + t * (P / 4) + 4 * s;
     const float* r1 = r0 + 8 * P;
-    uint4 h, l;
-    tqq_split_h2(r0[0], r0[1], h.x, l.x);
-    tqq_split_h2(r1[0], r1[1], h.y, l.y);
-    tqq_split_h2(r0[2], r0[3], h.z, l.z);
-    tqq_split_h2(r1[2], r1[3], h.w, l.w);
+    uint4 h, c;
+    h.x = tqq_h2(r0[0], r0[1]);
+    h.y = tqq_h2(r1[0], r1[1]);
+    h.z = tqq_h2(r0[2], r0[3]);
+    h.w = tqq_h2(r1[2], r1[3]);
+    auto lo8 = [](const float* r) {
+      return tqq_i8x4(tqq_h_resid(r[0]), tqq_h_resid(r[1]), tqq_h_resid(r[2]), tqq_h_resid(r[3]), 1024.f);
+    };
+    auto hi8 = [](const float* r) {
+      return tqq_i8x4(tqq_h2f(tqq_f2h(r[0])), tqq_h2f(tqq_f2h(r[1])), tqq_h2f(tqq_f2h(r[2])),
+                      tqq_h2f(tqq_f2h(r[3])), 0.25f);
+    };
+    if constexpr (QJL) {
+      c = s % 2 == 0 ? tqq_u4(lo8(r0), lo8(r1), lo8(r0 + 4), lo8(r1 + 4)) : tqq_u4(0u, 0u, 0u, 0u);
+    } else {
+      c = tqq_u4(hi8(r0), hi8(r1), lo8(r0), lo8(r1));
+    }
     frag[(2 * s) * 32 + lane] = h;
-    frag[(2 * s + 1) * 32 + lane] = l;
+    frag[(2 * s + 1) * 32 + lane] = c;
   }
 }
 
@@ -832,9 +880,9 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
   constexpr int NWQ = (TBQ + 3) / 4;
   constexpr int CB = P * B / 8, QBR = P / 8;  // bytes per row
   constexpr int PAIR_BYTES = B > 0 ? (1 << (2 * B)) * 128 : 0;
-  constexpr int SIGN_BYTES = PROD ? 16 * 128 : 0;
+  constexpr int SIGN_BYTES = PROD ? 16 * 256 : 0;
   constexpr int FRAG = KS * 2 * 32;           // uint4 per query set
-  constexpr int NT = TQQ_MMA_TILES;
+  constexpr int NT = TQQ_MMA_TILES(PROD);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const bool f16n = flags & TQQ_NORM_F16;
@@ -854,18 +902,19 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
   if constexpr (B > 0) {
     tqq_stage_queries<P>(qr, m, s_qs, s_inv, cinv);
     __syncthreads();
-    tqq_build_frags<P>(s_qs, s_fq, warp, lane);
+    tqq_build_frags<P, false>(s_qs, s_fq, warp, lane);
     __syncthreads();
   }
   if constexpr (PROD) {
     tqq_stage_queries<P>(sq, m, s_qs, s_inv + 16, 1.0f);
     __syncthreads();
-    tqq_build_frags<P>(s_qs, s_fs, warp, lane);
+    tqq_build_frags<P, true>(s_qs, s_fs, warp, lane);
   }
   __syncthreads();
   const float iq0 = s_inv[g], iq1 = s_inv[g + 8];
   const float is0 = s_inv[16 + g], is1 = s_inv[24 + g];
-  const tqq_u32 lane_off = (tqq_u32)(lane & 15) << 3;
+  const tqq_u32 lane_off = (tqq_u32)(lane & 15) << 3;    // pair table copy (8-byte entries)
+  const tqq_u32 lane_off16 = (tqq_u32)(lane & 15) << 4;  // sign table copy (16-byte entries)
 
   const tqq_i64 iters = (n + 8 * NT - 1) / (8 * NT);
   const tqq_i64 wstride = (tqq_i64)gridDim.x * (TQQ_NT / 32);
@@ -935,32 +984,43 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
       }
       if (it + wstride < iters) fetch(it + wstride);
 
-      float acc[NT][4], acs[NT][4];
+      float acc[NT][4], acs[NT][4];  // float16 products
+      int iac[NT][4], ias[NT][4];    // int8 corrections
+      tqq_u32 sprev[NT];             // QJL: the previous step's int8 signs
 #pragma unroll
-      for (int i = 0; i < NT; ++i)
+      for (int i = 0; i < NT; ++i) {
+        sprev[i] = 0u;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][k] = acs[i][k] = 0.f;
+        for (int k = 0; k < 4; ++k) {
+          acc[i][k] = acs[i][k] = 0.f;
+          iac[i][k] = ias[i][k] = 0;
+        }
+      }
 
       tqq_static_for<0, KS>([&](auto sc) {
         constexpr int s = decltype(sc)::value;
         if constexpr (B > 0) {
-          const uint4 ah = s_fq[(2 * s) * 32 + lane], al = s_fq[(2 * s + 1) * 32 + lane];
+          const uint4 ah = s_fq[(2 * s) * 32 + lane], a8 = s_fq[(2 * s + 1) * 32 + lane];
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
-            const uint2 e0 = tqq_lds64(s_pair, tqq_field128<(2 * s) * 2 * B, 2 * B>(W[i]) | lane_off);
-            const uint2 e1 = tqq_lds64(s_pair, tqq_field128<(2 * s + 1) * 2 * B, 2 * B>(W[i]) | lane_off);
+            // entry: {c_hi half2 of the pair, int8 {c_lo a, c_lo b, c_hi a, c_hi b}}
+            const uint2 e0 = tqq_lds64(s_pair, tqq_field<(2 * s) * 2 * B, 2 * B, 7>(W[i]) | lane_off);
+            const uint2 e1 = tqq_lds64(s_pair, tqq_field<(2 * s + 1) * 2 * B, 2 * B, 7>(W[i]) | lane_off);
             tqq_mma16816(acc[i], ah, e0.x, e1.x);
-            tqq_mma16816(acc[i], ah, e0.y, e1.y);
-            tqq_mma16816(acc[i], al, e0.x, e1.x);
+            tqq_imma16832(iac[i], a8, __byte_perm(e0.y, e1.y, 0x5410), __byte_perm(e0.y, e1.y, 0x7632));
           }
         }
         if constexpr (PROD) {
-          const uint4 sh = s_fs[(2 * s) * 32 + lane], sl = s_fs[(2 * s + 1) * 32 + lane];
+          const uint4 sh = s_fs[(2 * s) * 32 + lane];
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
-            const uint2 e = tqq_lds64(s_sign, tqq_field128<4 * s, 4>(Q[i]) | lane_off);
+            // entry: {b0 half2 signs, b1 half2 signs, the four signs as int8, 0}
+            const uint4 e = tqq_lds128(s_sign, tqq_field<4 * s, 4, 8>(Q[i]) | lane_off16);
             tqq_mma16816(acs[i], sh, e.x, e.y);
-            tqq_mma16816(acs[i], sl, e.x, e.y);
+            if constexpr (s % 2 == 1)
+              tqq_imma16832(ias[i], s_fs[(2 * s - 1) * 32 + lane], sprev[i], e.z);
+            else
+              sprev[i] = e.z;
           }
         }
       });
@@ -976,8 +1036,8 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
         for (int k = 0; k < 4; ++k) {
           const int c = k & 1;
           float x = 0.f;
-          if constexpr (B > 0) x = acc[i][k] * (k < 2 ? iq0 : iq1) * nu[i][c];
-          if constexpr (PROD) x = fmaf(acs[i][k] * (k < 2 ? is0 : is1), gn[i][c], x);
+          if constexpr (B > 0) x = fmaf((float)iac[i][k], 0x1p-8f, acc[i][k]) * (k < 2 ? iq0 : iq1) * nu[i][c];
+          if constexpr (PROD) x = fmaf(fmaf((float)ias[i][k], 0x1p-10f, acs[i][k]) * (k < 2 ? is0 : is1), gn[i][c], x);
           v[k] = x;
         }
 #pragma unroll

@@ -121,6 +121,45 @@ inline void tqq_emu_mma16816(float (&c)[4], const uint4& a, unsigned b0, unsigne
   }
 }
 
+// mma.sync.m16n8k32.row.col.s32.s8.s8.s32: A a.x = (g, 4t..4t+3), a.y = (g+8, 4t..),
+// a.z = (g, 4t+16..), a.w = (g+8, 4t+16..), byte i -> column +i; B b0 = (k 4t..4t+3, n g),
+// b1 = (k 4t+16..); C as above.  Exact integer arithmetic.
+inline void tqq_emu_imma16832(int (&c)[4], const uint4& a, unsigned b0, unsigned b1) {
+  const int tid = threadIdx.x, w = tid >> 5, l = tid & 31;
+  auto s8 = [](unsigned word, int i) { return (int)(signed char)((word >> (8 * i)) & 0xffu); };
+  tqq_emu_blk->wfrag[2 * tid] = a;
+  tqq_emu_blk->wfrag[2 * tid + 1] = uint4{b0, b1, 0u, 0u};
+  tqq_emu_blk->wbar[w]->arrive_and_wait();
+  int A[16][32], Bm[32][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const uint4 fa = tqq_emu_blk->wfrag[2 * ((w << 5) | lane)], fb = tqq_emu_blk->wfrag[2 * ((w << 5) | lane) + 1];
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned av[4] = {fa.x, fa.y, fa.z, fa.w};
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 4; ++i) A[g + 8 * (r & 1)][4 * t + i + 16 * (r >> 1)] = s8(av[r], i);
+    for (int i = 0; i < 4; ++i) {
+      Bm[4 * t + i][g] = s8(fb.x, i);
+      Bm[4 * t + 16 + i][g] = s8(fb.y, i);
+    }
+  }
+  tqq_emu_blk->wbar[w]->arrive_and_wait();
+  const int g = l >> 2, t = l & 3;
+  for (int k = 0; k < 4; ++k) {
+    const int row = g + 8 * (k >> 1), col = 2 * t + (k & 1);
+    int s = 0;
+    for (int j = 0; j < 32; ++j) s += A[row][j] * Bm[j][col];
+    c[k] += s;
+  }
+}
+
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned sel) {
+  const std::uint64_t v = ((std::uint64_t)y << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((sel >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+}
+inline int __float2int_rn(float f) { return (int)std::nearbyint(f); }
+
 // One rounding per call; the host compiler must not contract (-ffp-contract=off).
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
