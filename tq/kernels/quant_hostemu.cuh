@@ -53,6 +53,7 @@ inline tqq_dim3 blockDim{1, 1, 1};
 #define TQQ_SMEM(name) float4* name = tqq_emu_blk->smem.data()
 
 inline void __syncthreads() { tqq_emu_blk->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { tqq_emu_blk->wbar[threadIdx.x >> 5]->arrive_and_wait(); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {
