@@ -251,13 +251,17 @@ def _emu_library(configs, build_dir: Path):
         launcher("emu_" + name, _SIGS[name], 256, name)
     lines.append("}")
     src = "\n".join(lines) + "\n"
-    key = hashlib.sha1((src + "".join(f.read_text() for f in sorted(KDIR.glob("quant*")))).encode()).hexdigest()[:16]
+    from tq.backends import cupy_backend  # the row split the host launches with
+
+    defines = list(cupy_backend.EMAX_DEFINES)
+    key = hashlib.sha1((" ".join(defines) + src + "".join(f.read_text() for f in sorted(KDIR.glob("quant*")))).encode()).hexdigest()[:16]
     lib = build_dir / f"tqq_emu_{key}.so"
     if not lib.exists():
         cpp = build_dir / f"tqq_emu_{key}.cpp"
         cpp.write_text(src)
         subprocess.run(["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-                        "-pthread", "-w", f"-I{KDIR}", str(cpp), "-o", str(lib)], check=True, capture_output=True)
+                        "-pthread", "-w", *defines, f"-I{KDIR}", str(cpp), "-o", str(lib)], check=True,
+                       capture_output=True)
     return ctypes.CDLL(str(lib))
 
 
@@ -388,6 +392,7 @@ EMU_CASES = [  # (dim, bits, kind, rotation, norm_correction, norm_dtype, dtype,
     (128, 3, "prod", "haar", True, "float16", "bfloat16", 129),
     (200, 3, "mse", "hadamard", True, "float16", "float64", 70),
     (5, 1, "prod", "hadamard", False, "float16", "float32", 40),
+    (50, 2, "mse", "hadamard", False, "float16", "float16", 70),  # P = 64: two threads per row, d % 4 != 0
     (16, 6, "prod", "haar", True, "float32", "float16", 40),
     (37, 3, "prod", "haar", True, "float16", "float32", 5),    # generic: Haar off a power of two
     (300, 2, "mse", "hadamard", True, "float16", "float32", 4),  # generic: P = 512

@@ -39,7 +39,22 @@ except Exception:  # pragma: no cover
     cp = None
 
 _KDIR = Path(__file__).resolve().parent.parent / "kernels"
-_OPTIONS = ("--std=c++17", "-fmad=false")
+# Coordinates per thread (at most) of the fast encode and decode kernels (quant_fast.cu's
+# TQQ_ENC_EMAX, TQQ_DEC_EMAX_MSE / _PROD): a row of P coordinates is owned by
+# max(1, P / EMAX) threads.  The defaults are the fastest measured on an H200; the
+# environment overrides exist for benchmarking (TQ_CUPY_DEC_EMAX sets both decoders).
+def _emax(var: str, default: int) -> int:
+    v = int(os.environ.get(var, default))
+    if v not in (32, 64, 128, 256):
+        raise ValueError(f"{var} must be 32, 64, 128 or 256, not {v}")
+    return v
+
+
+ENC_EMAX = _emax("TQ_CUPY_ENC_EMAX", 128)
+DEC_EMAX = {"mse": _emax("TQ_CUPY_DEC_EMAX", 128), "prod": _emax("TQ_CUPY_DEC_EMAX", 32)}
+EMAX_DEFINES = (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
+                f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}")
+_OPTIONS = ("--std=c++17", "-fmad=false", *EMAX_DEFINES)
 FAST_P = (8, 16, 32, 64, 128, 256)
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 _F_NORM_F16, _F_NC, _F_HAAR, _F_PROD = 1, 2, 4, 8
@@ -216,13 +231,13 @@ def _flags(plan) -> int:
 
 
 # Launch geometry, shared by the kernels' callers and the host-emulation tests.
-def tile_rows(p: int) -> int:
-    """Rows per tile of the fast kernels (one thread per row, two for P = 256)."""
-    return _NT // (2 if p > 128 else 1)
+def tile_rows(p: int, emax: int) -> int:
+    """Rows per tile of a fast kernel with at most ``emax`` coordinates per thread."""
+    return _NT // max(1, p // emax)
 
 
 def fast_encode_smem(p: int, d: int, itemsize: int, prod: bool, haar: bool) -> int:
-    tr, ap = tile_rows(p), p + 4
+    tr, ap = tile_rows(p, ENC_EMAX), p + 4
     spb = ((((d * itemsize) + 15) >> 4) | 1) << 4  # odd number of 16-byte units per staged row
     xbytes = tr * ap * 4 if (prod or haar) else 0
     r1 = max(tr * spb, xbytes)
@@ -230,7 +245,9 @@ def fast_encode_smem(p: int, d: int, itemsize: int, prod: bool, haar: bool) -> i
 
 
 def fast_decode_smem(p: int, prod: bool, haar: bool) -> int:
-    return (2 * p + 512) * 4 + (2 * tile_rows(p) * (p + 4) * 4 if (prod or haar) else 0)
+    staging = 4 * 32 * 36 * 4  # per warp: 32 lanes x 32 columns (pitch 36) of output
+    tr = tile_rows(p, DEC_EMAX["prod" if prod else "mse"])
+    return (2 * p + 512) * 4 + staging + (2 * tr * (p + 4) * 4 if (prod or haar) else 0)
 
 
 def fast_scores_smem(p: int, mc: int, prod: bool) -> int:
@@ -349,7 +366,7 @@ def encode(plan, x) -> Parts:
         flags = _flags(plan)
         outs = [_raw(a) if _size(a) else prm["dummy"] for a in (codes, norms, qjl, rnorms)]
         if _fast_ok(plan):
-            tr = tile_rows(p)
+            tr = tile_rows(p, ENC_EMAX)
             vec = int((d * sz) % 16 == 0 and ldx % 16 == 0 and xc.data.ptr % 16 == 0)
             haar = plan.signs is None
             smem = fast_encode_smem(p, d, sz, prod, haar)
@@ -406,7 +423,7 @@ def decode(plan, parts):
         flags = _flags(plan)
         qscale = np.float32(plan.qjl_scale)
         if _fast_ok(plan):
-            tr = tile_rows(p)
+            tr = tile_rows(p, DEC_EMAX[cfg.kind])
             smem = fast_decode_smem(p, prod, plan.signs is None)
             grid = min(-(-n // tr), _num_sms(dev) * 16)
             args = (*pa, _i64(n), _i32(d), _i32(flags), _or(prm["signs"], prm), _or(prm["m"], prm),
@@ -475,7 +492,7 @@ def scores(plan, q, parts):
                         _i32(mc), tab["words"], np.float32(tab["cinv"]), qscale, oc[q0:q0 + mc])
                 _launch(kern, grid, _NT, args, smem, mma_scores_static_smem(b, prod))
         elif _fast_ok(plan):
-            tr = tile_rows(p)
+            tr = tile_rows(p, 128)  # tqq_scores: TQQShape<P> default
             grid = min(-(-n // tr), _num_sms(dev) * 16)
             kern = _fast("scores", p, b, prod)
             for q0 in range(0, m, _QC):

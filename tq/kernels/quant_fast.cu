@@ -29,12 +29,30 @@
 #define TQQ_SC_MINB(prod) ((prod) ? 1 : 2)
 #endif
 
-template <int P>
+// Coordinates per thread (at most) of the encode and decode kernels: a row of P
+// coordinates is owned by L = P / E threads (cross-lane butterfly stages and
+// tree levels for L > 1).  Measured on an H200 (benchmarks/results/
+// gpu_throughput_h200_emax*.md): the encoder is fastest with one thread per row
+// (E = 128: 4 threads per row cost 47% more instructions in shuffles), the MSE
+// decoder too, the prod decoder (dense QJL product) with E = 32.  The host
+// passes the values it launches with (cupy_backend.ENC_EMAX, DEC_EMAX).
+#ifndef TQQ_ENC_EMAX
+#define TQQ_ENC_EMAX 128
+#endif
+#ifndef TQQ_DEC_EMAX_MSE
+#define TQQ_DEC_EMAX_MSE 128
+#endif
+#ifndef TQQ_DEC_EMAX_PROD
+#define TQQ_DEC_EMAX_PROD 32
+#endif
+
+template <int P, int EMAX = 128>
 struct TQQShape {
-  static constexpr int L = P > 128 ? 2 : 1;  // threads per row
-  static constexpr int E = P / L;            // coordinates per thread
-  static constexpr int TR = TQQ_NT / L;      // rows per tile
-  static constexpr int AP = P + 4;           // shared tile pitch (floats)
+  static constexpr int L = P > EMAX ? P / EMAX : 1;  // threads per row
+  static constexpr int E = P / L;                    // coordinates per thread
+  static constexpr int TR = TQQ_NT / L;              // rows per tile
+  static constexpr int AP = P + 4;                   // shared tile pitch (floats)
+  static_assert(L <= 32 && E >= 8, "a row's threads lie in one warp, with whole code bytes");
 };
 
 // ------------------------------------------------------------ register-level steps
@@ -62,11 +80,14 @@ TQQ_D void tqq_fwht(float (&v)[E], int part) {
       }
     }
   }
-  if constexpr (L == 2) {  // stage h = E across the two threads of a row
-    const bool up = part & 1;
+  // stages h = E, 2E, ... across the L threads of a row (thread t holds [tE, (t+1)E)):
+  // the lower thread of a pair computes a + b, the upper a - b, as the reference does
+#pragma unroll
+  for (int m = 1; m < L; m <<= 1) {
+    const bool up = part & m;
 #pragma unroll
     for (int k = 0; k < E; ++k) {
-      const float w = __shfl_xor_sync(TQQ_FULL, v[k], 1);
+      const float w = __shfl_xor_sync(TQQ_FULL, v[k], m);
       v[k] = up ? tqq_sub(w, v[k]) : tqq_add(v[k], w);
     }
   }
@@ -84,18 +105,17 @@ TQQ_D void tqq_halve(float* s) {  // s[k] += s[k + H] for k < H, then H/2, ..., 
 // squares rounded, then the halving tree s[i] += s[i + half], half = P/2, ..., 1
 template <int E, int L>
 TQQ_D float tqq_tree_sq(const float (&v)[E]) {
-  float s[E / 2];
+  float s[E];
 #pragma unroll
-  for (int k = 0; k < E / 2; ++k) {
-    float a = tqq_mul(v[k], v[k]);
-    float b = tqq_mul(v[k + E / 2], v[k + E / 2]);
-    if constexpr (L == 2) {  // half = P/2 = E pairs the two threads' k-th entries
-      a = tqq_add(a, __shfl_xor_sync(TQQ_FULL, a, 1));
-      b = tqq_add(b, __shfl_xor_sync(TQQ_FULL, b, 1));
-    }
-    s[k] = tqq_add(a, b);
+  for (int k = 0; k < E; ++k) s[k] = tqq_mul(v[k], v[k]);
+  // levels half = P/2, ..., E pair thread t's k-th entry with thread t ^ (half / E)'s;
+  // both threads of a pair form the same (commutative) sum, so every thread ends with rho
+#pragma unroll
+  for (int m = L / 2; m >= 1; m >>= 1) {
+#pragma unroll
+    for (int k = 0; k < E; ++k) s[k] = tqq_add(s[k], __shfl_xor_sync(TQQ_FULL, s[k], m));
   }
-  tqq_halve<E / 4>(s);  // remaining levels: half = E/4, ..., 1
+  tqq_halve<E / 2>(s);  // remaining levels: half = E/2, ..., 1
   return s[0];
 }
 
@@ -299,7 +319,7 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
            const float* __restrict__ cent, const float* __restrict__ bnd,
            tqq_u8* __restrict__ codes, void* __restrict__ norms, tqq_u8* __restrict__ qjl,
            void* __restrict__ rnorms) {
-  using S = TQQShape<P>;
+  using S = TQQShape<P, TQQ_ENC_EMAX>;
   constexpr int L = S::L, E = S::E, TR = S::TR, AP = S::AP;
   constexpr int CB = P * B / 8;  // code bytes per row
   constexpr int TB = E * B / 8;  // code bytes per thread
@@ -367,7 +387,8 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
     tqq_u32 mb = 0u;
 #pragma unroll
     for (int k = 0; k < E; ++k) mb = tqq_umax(mb, tqq_absbits(v[k]));
-    if constexpr (L == 2) mb = tqq_umax(mb, __shfl_xor_sync(TQQ_FULL, mb, 1));
+#pragma unroll
+    for (int m = 1; m < L; m <<= 1) mb = tqq_umax(mb, __shfl_xor_sync(TQQ_FULL, mb, m));
     const int e = tqq_exponent(__uint_as_float(mb));
     const float sc = tqq_pow2(-e);
 #pragma unroll
@@ -508,14 +529,15 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
 }
 
 // ------------------------------------------------------------ decode
-// Shared memory: signs 2P | centroids 256 | (unused) 256 | X tile | Y tile (prod or Haar)
+// Shared memory: signs 2P | centroids 256 | (unused) 256 | output staging 4 x 32 x 36 |
+// X tile | Y tile (prod or Haar)
 template <int P, int B, bool PROD>
 __global__ void __launch_bounds__(TQQ_NT, TQQ_DEC_MINB(PROD))
 tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, const tqq_u8* __restrict__ qjl,
            const void* __restrict__ rnorms, tqq_i64 n, int d, int flags, const float* __restrict__ signs,
            const float* __restrict__ rmat, const float* __restrict__ qmat, const float* __restrict__ cent,
            float qscale, float* __restrict__ out) {
-  using S = TQQShape<P>;
+  using S = TQQShape<P, PROD ? TQQ_DEC_EMAX_PROD : TQQ_DEC_EMAX_MSE>;
   constexpr int L = S::L, E = S::E, TR = S::TR, AP = S::AP;
   constexpr int CB = P * B / 8, TB = E * B / 8;
   constexpr int NW = B > 0 ? (E * B + 31) / 32 : 1;
@@ -525,7 +547,8 @@ tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
   TQQ_SMEM(tqq_smem);
   float* s_sig = (float*)tqq_smem;
   float* s_cent = s_sig + 2 * P;
-  float* X = s_cent + 512;
+  float* Wst = s_cent + 512;
+  float* X = Wst + 4 * 32 * 36;
   float* Y = X + TR * AP;
   if (!haar)
     for (int i = tid; i < 2 * P; i += TQQ_NT) s_sig[i] = signs[i];
@@ -581,18 +604,37 @@ tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
 #pragma unroll
       for (int k = 0; k < E; ++k) v[k] = v[k] * (1.0f / P);
     }
-    if (valid) {
+    // 4. store.  Per-thread row stores would touch 32 lines per instruction; instead each
+    // warp stages its lanes' slices, 32 columns at a time, and writes whole 128-byte pieces.
+    bool staged = false;
+    if constexpr (E % 32 == 0) {
+      if ((d & 3) == 0) {
+        const int lane = tid & 31, wrow0 = (tid & ~31) / L;  // the warp's first tile row
+        float* wb = Wst + (tid >> 5) * (32 * 36);
+#pragma unroll
+        for (int c = 0; c < E / 32; ++c) {
+#pragma unroll
+          for (int k = 0; k < 32; k += 4)
+            *(float4*)(wb + lane * 36 + k) = tqq_f4(v[32 * c + k], v[32 * c + k + 1], v[32 * c + k + 2], v[32 * c + k + 3]);
+          __syncwarp();
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int pc = 4 * i + (lane >> 3), j = 4 * (lane & 7);  // piece = source lane, float offset
+            const tqq_i64 prow = tile * TR + wrow0 + pc / L;
+            const int col = (pc % L) * E + 32 * c + j;
+            if (prow < n && col < d) *(float4*)(out + prow * d + col) = *(const float4*)(wb + pc * 36 + j);
+          }
+          __syncwarp();
+        }
+        staged = true;
+      }
+    }
+    if (valid && !staged) {
       float* o = out + row * d;
       const int j0 = part * E;
-      if ((d & 3) == 0) {
 #pragma unroll
-        for (int k = 0; k < E; k += 4)
-          if (j0 + k < d) *(float4*)(o + j0 + k) = tqq_f4(v[k], v[k + 1], v[k + 2], v[k + 3]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < E; ++k)
-          if (j0 + k < d) o[j0 + k] = v[k];
-      }
+      for (int k = 0; k < E; ++k)
+        if (j0 + k < d) o[j0 + k] = v[k];
     }
   }
 }
