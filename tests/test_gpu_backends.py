@@ -392,7 +392,8 @@ EMU_CASES = [  # (dim, bits, kind, rotation, norm_correction, norm_dtype, dtype,
     (128, 3, "prod", "haar", True, "float16", "bfloat16", 129),
     (200, 3, "mse", "hadamard", True, "float16", "float64", 70),
     (5, 1, "prod", "hadamard", False, "float16", "float32", 40),
-    (50, 2, "mse", "hadamard", False, "float16", "float16", 70),  # P = 64: two threads per row, d % 4 != 0
+    (50, 2, "mse", "hadamard", False, "float16", "float16", 70),  # P = 64, d % 4 != 0: unstaged stores
+    (24, 1, "mse", "hadamard", False, "float32", "float32", 45),  # 1 bit, rows shorter than P
     (16, 6, "prod", "haar", True, "float32", "float16", 40),
     (37, 3, "prod", "haar", True, "float16", "float32", 5),    # generic: Haar off a power of two
     (300, 2, "mse", "hadamard", True, "float16", "float32", 4),  # generic: P = 512
