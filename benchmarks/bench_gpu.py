@@ -132,6 +132,9 @@ def main():
     env["cuda_runtime"] = cp.cuda.runtime.runtimeGetVersion()
     env["cuda_driver"] = cp.cuda.runtime.driverGetVersion()
     env["torch_cuda"] = torch.version.cuda
+    from tq.backends import cupy_backend
+
+    env["cupy_kernel_defines"] = " ".join(cupy_backend.EMAX_DEFINES)  # row split (TQ_CUPY_* overrides)
     env["n"], env["dim"], env["queries"], env["input_dtype"] = args.n, args.dim, args.queries, "float16"
 
     bw, tcopy = copy_ceiling(torch)

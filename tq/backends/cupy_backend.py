@@ -52,8 +52,11 @@ def _emax(var: str, default: int) -> int:
 
 ENC_EMAX = _emax("TQ_CUPY_ENC_EMAX", 128)
 DEC_EMAX = {"mse": _emax("TQ_CUPY_DEC_EMAX", 128), "prod": _emax("TQ_CUPY_DEC_EMAX", 32)}
+ENC_MINB = int(os.environ.get("TQ_CUPY_ENC_MINB", "3"))  # resident blocks the MSE encoder is built for
+if not 1 <= ENC_MINB <= 16:
+    raise ValueError(f"TQ_CUPY_ENC_MINB must be 1..16, not {ENC_MINB}")
 EMAX_DEFINES = (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
-                f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}")
+                f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}")
 _OPTIONS = ("--std=c++17", "-fmad=false", *EMAX_DEFINES)
 FAST_P = (8, 16, 32, 64, 128, 256)
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}

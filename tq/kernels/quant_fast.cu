@@ -19,9 +19,10 @@
 // minimum resident blocks per SM (caps registers at 65536 / (128 * minb)):
 // the MSE kernels are bandwidth kernels and want occupancy; prod kernels are
 // dominated by the dense QJL product and want registers.
-#ifndef TQQ_ENC_MINB
-#define TQQ_ENC_MINB(prod, b) ((prod) ? 1 : 3)
+#ifndef TQQ_ENC_MINB_MSE
+#define TQQ_ENC_MINB_MSE 3
 #endif
+#define TQQ_ENC_MINB(prod, b) ((prod) ? 1 : TQQ_ENC_MINB_MSE)
 #ifndef TQQ_DEC_MINB
 #define TQQ_DEC_MINB(prod) ((prod) ? 1 : 3)
 #endif
