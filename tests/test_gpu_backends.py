@@ -233,8 +233,9 @@ def _call_list(sig):
     return ", ".join(a.split()[-1].lstrip("*") for a in sig.split(","))
 
 
-def _emu_library(configs, build_dir: Path):
-    """Compile the kernels as host C++ with launchers for the given (P, B, prod) instantiations."""
+def _emu_library(configs, build_dir: Path, defines=()):
+    """Compile the kernels as host C++ with launchers for the given (P, B, prod) instantiations,
+    with the -D options the backend compiles them with."""
     lines = ['#include "quant_hostemu.cuh"', '#include "quant_fast.cu"', '#include "quant_generic.cu"', 'extern "C" {']
 
     def launcher(name, sig, block, kernel):
@@ -251,9 +252,7 @@ def _emu_library(configs, build_dir: Path):
         launcher("emu_" + name, _SIGS[name], 256, name)
     lines.append("}")
     src = "\n".join(lines) + "\n"
-    from tq.backends import cupy_backend  # the row split the host launches with
-
-    defines = list(cupy_backend.EMAX_DEFINES)
+    defines = list(defines)
     key = hashlib.sha1((" ".join(defines) + src + "".join(f.read_text() for f in sorted(KDIR.glob("quant*")))).encode()).hexdigest()[:16]
     lib = build_dir / f"tqq_emu_{key}.so"
     if not lib.exists():
@@ -303,21 +302,22 @@ def _fake_cupy(build_dir: Path):
         return wrap(np.full(shape, 0xAB if dtype.kind in "ui" else np.nan, dtype=dtype))
 
     class Kernel:
-        def __init__(self, name):
-            self.name, self.max_dynamic_shared_size_bytes = name, 48 * 1024
+        def __init__(self, name, defines):
+            self.name, self.defines, self.max_dynamic_shared_size_bytes = name, defines, 48 * 1024
 
         def __call__(self, grid, block, args, shared_mem=0):
             assert shared_mem <= max(48 * 1024, self.max_dynamic_shared_size_bytes) and shared_mem <= 227 * 1024
             m = re.fullmatch(r"tqq_(encode|decode|scores|scores_mma)<(\d+), (\d+), (true|false)>", self.name)
             if m:
                 cfg = (int(m.group(2)), int(m.group(3)), m.group(4) == "true")
-                if cfg not in libs:
-                    libs[cfg] = _emu_library([cfg], build_dir)
-                fn = getattr(libs[cfg], f"{_FAST_KERNEL[m.group(1)]}_{cfg[0]}_{cfg[1]}_{int(cfg[2])}")
+                key = (cfg, self.defines)
+                if key not in libs:
+                    libs[key] = _emu_library([cfg], build_dir, self.defines)
+                fn = getattr(libs[key], f"{_FAST_KERNEL[m.group(1)]}_{cfg[0]}_{cfg[1]}_{int(cfg[2])}")
                 assert block == (128,)
             else:
                 if "generic" not in libs:
-                    libs["generic"] = _emu_library([], build_dir)
+                    libs["generic"] = _emu_library([], build_dir, self.defines)
                 fn = getattr(libs["generic"], "emu_" + self.name)
                 assert block == (256,)
             conv = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float32: ctypes.c_float}
@@ -328,9 +328,10 @@ def _fake_cupy(build_dir: Path):
     class RawModule:
         def __init__(self, code=None, options=(), name_expressions=None):
             assert isinstance(options, tuple) and "-fmad=false" in options and "#include" not in code
+            self.defines = tuple(o for o in options if o.startswith("-D"))
 
         def get_function(self, name):
-            return Kernel(name)
+            return Kernel(name, self.defines)
 
     class _Runtime:
         getDeviceCount = staticmethod(lambda: 1)
@@ -403,7 +404,30 @@ EMU_CASES = [  # (dim, bits, kind, rotation, norm_correction, norm_dtype, dtype,
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "-".join(map(str, c[:5])))
 def test_cupy_kernels_in_host_emulation(emulated_cupy, case):
+    _check_emulated_case(*emulated_cupy, case)
+
+
+SPLIT_CASES = [  # (ENC_EMAX, DEC_EMAX, case): rows owned by several threads, as the TQ_CUPY_* knobs allow
+    (32, 64, (128, 3, "mse", "hadamard", False, "float16", "float16", 70)),   # encode 4, decode 2 per row
+    (64, 32, (96, 4, "prod", "hadamard", True, "float32", "float32", 40)),    # encode 2, decode 4 per row
+    (32, 32, (256, 2, "mse", "hadamard", True, "float16", "bfloat16", 20)),  # 8 threads per row
+]
+
+
+@pytest.mark.parametrize("split", SPLIT_CASES, ids=lambda c: f"enc{c[0]}-dec{c[1]}-{c[2][0]}-{c[2][2]}")
+def test_cupy_row_splits_in_host_emulation(emulated_cupy, split, monkeypatch):
+    """The cross-lane butterfly, tree and max stages (any threads per row) give the same bytes."""
     mod, cp = emulated_cupy
+    enc, dec, case = split
+    defines = (f"-DTQQ_ENC_EMAX={enc}", f"-DTQQ_DEC_EMAX_MSE={dec}", f"-DTQQ_DEC_EMAX_PROD={dec}")
+    monkeypatch.setattr(mod, "ENC_EMAX", enc)
+    monkeypatch.setattr(mod, "DEC_EMAX", {"mse": dec, "prod": dec})
+    monkeypatch.setattr(mod, "_OPTIONS", ("--std=c++17", "-fmad=false", *defines))
+    monkeypatch.setattr(mod, "FAST_KERNELS", {})
+    _check_emulated_case(mod, cp, case)
+
+
+def _check_emulated_case(mod, cp, case):
     d, bits, kind, rotation, nc, nd, dtype, n = case
     cfg = tq.QuantizerConfig(d, bits, kind=kind, rotation=rotation, seed=11, norm_dtype=nd, norm_correction=nc)
     rng = np.random.default_rng(d * 100 + bits)
