@@ -134,7 +134,7 @@ def main():
     env["torch_cuda"] = torch.version.cuda
     from tq.backends import cupy_backend
 
-    env["cupy_kernel_defines"] = " ".join(cupy_backend.EMAX_DEFINES)  # row split (TQ_CUPY_* overrides)
+    env["cupy_kernel_defines"] = " ".join(cupy_backend.kernel_defines())  # row split (TQ_CUPY_* overrides)
     env["n"], env["dim"], env["queries"], env["input_dtype"] = args.n, args.dim, args.queries, "float16"
 
     bw, tcopy = copy_ceiling(torch)

@@ -6,7 +6,7 @@
 
 op is compress, decompress or scores (inner products from packed codes).  2**24 vectors of
 d = 128 (float16 input), hadamard rotation and 16 queries by default.  Results of such runs:
-benchmarks/results/ncu_scores_mma_h200_*.txt, ncu_encode_h200.txt.
+benchmarks/results/ncu_scores_mma_h200_*.txt, ncu_encode_h200_*.txt.
 """
 from __future__ import annotations
 

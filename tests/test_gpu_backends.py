@@ -419,11 +419,10 @@ def test_cupy_row_splits_in_host_emulation(emulated_cupy, split, monkeypatch):
     """The cross-lane butterfly, tree and max stages (any threads per row) give the same bytes."""
     mod, cp = emulated_cupy
     enc, dec, case = split
-    defines = (f"-DTQQ_ENC_EMAX={enc}", f"-DTQQ_DEC_EMAX_MSE={dec}", f"-DTQQ_DEC_EMAX_PROD={dec}")
-    monkeypatch.setattr(mod, "ENC_EMAX", enc)
+    monkeypatch.setattr(mod, "ENC_EMAX", enc)  # the kernels' -D options follow (kernel_defines)
     monkeypatch.setattr(mod, "DEC_EMAX", {"mse": dec, "prod": dec})
-    monkeypatch.setattr(mod, "_OPTIONS", ("--std=c++17", "-fmad=false", *defines))
     monkeypatch.setattr(mod, "FAST_KERNELS", {})
+    assert f"-DTQQ_ENC_EMAX={enc}" in mod.kernel_defines()
     _check_emulated_case(mod, cp, case)
 
 

@@ -43,21 +43,31 @@ _KDIR = Path(__file__).resolve().parent.parent / "kernels"
 # TQQ_ENC_EMAX, TQQ_DEC_EMAX_MSE / _PROD): a row of P coordinates is owned by
 # max(1, P / EMAX) threads.  The defaults are the fastest measured on an H200; the
 # environment overrides exist for benchmarking (TQ_CUPY_DEC_EMAX sets both decoders).
-def _emax(var: str, default: int) -> int:
-    v = int(os.environ.get(var, default))
-    if v not in (32, 64, 128, 256):
-        raise ValueError(f"{var} must be 32, 64, 128 or 256, not {v}")
+def _env_int(var: str, default: int, allowed) -> int:
+    raw = os.environ.get(var, str(default))
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{var} must be an integer, not {raw!r}") from None
+    if v not in allowed:
+        raise ValueError(f"{var} must be one of {list(allowed)}, not {v}")
     return v
 
 
-ENC_EMAX = _emax("TQ_CUPY_ENC_EMAX", 128)
-DEC_EMAX = {"mse": _emax("TQ_CUPY_DEC_EMAX", 128), "prod": _emax("TQ_CUPY_DEC_EMAX", 32)}
-ENC_MINB = int(os.environ.get("TQ_CUPY_ENC_MINB", "3"))  # resident blocks the MSE encoder is built for
-if not 1 <= ENC_MINB <= 16:
-    raise ValueError(f"TQ_CUPY_ENC_MINB must be 1..16, not {ENC_MINB}")
-EMAX_DEFINES = (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
-                f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}")
-_OPTIONS = ("--std=c++17", "-fmad=false", *EMAX_DEFINES)
+_EMAX_CHOICES = (32, 64, 128, 256)
+ENC_EMAX = _env_int("TQ_CUPY_ENC_EMAX", 128, _EMAX_CHOICES)
+DEC_EMAX = {"mse": _env_int("TQ_CUPY_DEC_EMAX", 128, _EMAX_CHOICES),
+            "prod": _env_int("TQ_CUPY_DEC_EMAX", 32, _EMAX_CHOICES)}
+ENC_MINB = _env_int("TQ_CUPY_ENC_MINB", 3, range(1, 17))  # resident blocks the MSE encoder is built for
+_BASE_OPTIONS = ("--std=c++17", "-fmad=false")
+
+
+def kernel_defines() -> tuple:
+    """The -D options the fast kernels are compiled with (the launch geometry above)."""
+    return (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
+            f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}")
+
+
 FAST_P = (8, 16, 32, 64, 128, 256)
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 _F_NORM_F16, _F_NC, _F_HAAR, _F_PROD = 1, 2, 4, 8
@@ -75,7 +85,7 @@ def _source(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _generic_module():
-    return cp.RawModule(code=_source("quant_generic.cu"), options=_OPTIONS)
+    return cp.RawModule(code=_source("quant_generic.cu"), options=_BASE_OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +100,8 @@ def _fast(kind: str, p: int, b: int, prod: bool):
     key = (kind, p, b, prod)
     if key not in FAST_KERNELS:
         expr = f"tqq_{kind}<{p}, {b}, {'true' if prod else 'false'}>"
-        mod = cp.RawModule(code=_source("quant_fast.cu"), options=_OPTIONS, name_expressions=[expr])
+        options = _BASE_OPTIONS + kernel_defines()
+        mod = cp.RawModule(code=_source("quant_fast.cu"), options=options, name_expressions=[expr])
         FAST_KERNELS[key] = mod.get_function(expr)
     return FAST_KERNELS[key]
 
@@ -248,7 +259,7 @@ def fast_encode_smem(p: int, d: int, itemsize: int, prod: bool, haar: bool) -> i
 
 
 def fast_decode_smem(p: int, prod: bool, haar: bool) -> int:
-    staging = 4 * 32 * 36 * 4  # per warp: 32 lanes x 32 columns (pitch 36) of output
+    staging = _NT * 36 * 4  # a 32-column output slice per thread, pitch TQQ_WP = 36 floats
     tr = tile_rows(p, DEC_EMAX["prod" if prod else "mse"])
     return (2 * p + 512) * 4 + staging + (2 * tr * (p + 4) * 4 if (prod or haar) else 0)
 

@@ -551,8 +551,9 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
 }
 
 // ------------------------------------------------------------ decode
-// Shared memory: signs 2P | centroids 256 | (unused) 256 | output staging 4 x 32 x 36 |
+// Shared memory: signs 2P | centroids 256 | (unused) 256 | output staging 128 x TQQ_WP |
 // X tile | Y tile (prod or Haar)
+#define TQQ_WP 36  // output staging pitch (floats): one thread's 32-column slice, conflict-free float4s
 template <int P, int B, bool PROD>
 __global__ void __launch_bounds__(TQQ_NT, TQQ_DEC_MINB(PROD))
 tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, const tqq_u8* __restrict__ qjl,
@@ -570,7 +571,7 @@ tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
   float* s_sig = (float*)tqq_smem;
   float* s_cent = s_sig + 2 * P;
   float* Wst = s_cent + 512;
-  float* X = Wst + 4 * 32 * 36;
+  float* X = Wst + TQQ_NT * TQQ_WP;
   float* Y = X + TR * AP;
   if (!haar)
     for (int i = tid; i < 2 * P; i += TQQ_NT) s_sig[i] = signs[i];
@@ -632,19 +633,19 @@ tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
     if constexpr (E % 32 == 0) {
       if ((d & 3) == 0) {
         const int lane = tid & 31, wrow0 = (tid & ~31) / L;  // the warp's first tile row
-        float* wb = Wst + (tid >> 5) * (32 * 36);
+        float* wb = Wst + (tid & ~31) * TQQ_WP;
 #pragma unroll
         for (int c = 0; c < E / 32; ++c) {
 #pragma unroll
           for (int k = 0; k < 32; k += 4)
-            *(float4*)(wb + lane * 36 + k) = tqq_f4(v[32 * c + k], v[32 * c + k + 1], v[32 * c + k + 2], v[32 * c + k + 3]);
+            *(float4*)(wb + lane * TQQ_WP + k) = tqq_f4(v[32 * c + k], v[32 * c + k + 1], v[32 * c + k + 2], v[32 * c + k + 3]);
           __syncwarp();
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             const int pc = 4 * i + (lane >> 3), j = 4 * (lane & 7);  // piece = source lane, float offset
             const tqq_i64 prow = tile * TR + wrow0 + pc / L;
             const int col = (pc % L) * E + 32 * c + j;
-            if (prow < n && col < d) *(float4*)(out + prow * d + col) = *(const float4*)(wb + pc * 36 + j);
+            if (prow < n && col < d) *(float4*)(out + prow * d + col) = *(const float4*)(wb + pc * TQQ_WP + j);
           }
           __syncwarp();
         }
