@@ -450,6 +450,44 @@ TQ_D void cp_async16(void* dst, const void* src) {
 }
 TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+TQ_D void cp16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+// TQ_TILE_SOURCE=1: the split kernels request their tiles through TileSource (below);
+// 0 (default until it has been timed and tested on a GPU): the flat piece index.
+#ifndef TQ_TILE_SOURCE
+#define TQ_TILE_SOURCE 0
+#endif
+// A split warp's tile source: this lane's 16-byte pieces of a 16-token tile (key codes,
+// value codes, then the key and value norms: 16 CK + 16 CV + 64 bytes, in that order in
+// the pipeline stage).  The lane's pointers into its warp's first tile are computed once;
+// a tile t rows further is one wide multiply-add per array and its pieces are immediate
+// offsets.  (A flat piece index per lane, tested against the three array bounds at every
+// tile, cost ~55 SASS instructions per tile of tq_split_mmt's main loop.)
+template <int CK, int CV>
+struct TileSource {
+  const u8* k;  // key codes: piece lane + 32 u of the tile
+  const u8* v;  // value codes: piece lane + 32 u
+  const u8* n;  // lanes 0, 1: the key norms' pieces, lanes 2, 3: the value norms'
+  u32 lane;
+  TQ_D TileSource(const u8* kcodes, const u8* vcodes, const u16* knorms, const u16* vnorms, i64 row, u32 ln)
+      : k(kcodes + row * CK + 16 * ln), v(vcodes + row * CV + 16 * ln),
+        n(reinterpret_cast<const u8*>((ln < 2 ? knorms : vnorms) + row) + 16 * (ln & 1)), lane(ln) {}
+  // request the tile `rows` rows past the first one into the stage at shared address dst
+  // (the stage's base plus 16 lane)
+  TQ_D void issue(u32 dst, u32 rows) const {
+    const u8* pk = k + (u64)rows * CK;
+    const u8* pv = v + (u64)rows * CV;
+#pragma unroll
+    for (int u = 0; u < (CK + 31) / 32; ++u)
+      if (CK % 32 == 0 || lane + 32 * u < (u32)CK) cp16(dst + 512u * u, pk + 512 * u);
+#pragma unroll
+    for (int u = 0; u < (CV + 31) / 32; ++u)
+      if (CV % 32 == 0 || lane + 32 * u < (u32)CV) cp16(dst + 16u * CK + 512u * u, pv + 512 * u);
+    if (lane < 4) cp16(dst + 16u * (CK + CV), n + (u64)rows * 2);
+  }
+};
 
 // TQ_TRACE (benchmarks/probe_decode_latency.py only): thread 0 of each block stores
 // %globaltimer at phase k in tq_trace[block][k]; compiled out otherwise.  Phases:
@@ -1040,10 +1078,6 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   const u32 lane4 = lane_id() * 4u;  // %laneid: not rematerialized from threadIdx (see lane_id)
 
   const i64 bh = (i64)b * a.H + h;
-  const u8* kc = a.kcodes + bh * a.cap * CK;
-  const u8* vc = a.vcodes + bh * a.cap * CV;
-  const u16* kn = a.knorms + bh * a.cap;
-  const u16* vn = a.vnorms + bh * a.cap;
   u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
   // The first tiles are requested before the sequence length arrives: this warp's tiles
   // of the chunk inside the allocation, trimmed to the live tokens below (one L2
@@ -1051,6 +1085,18 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 
+#if TQ_TILE_SOURCE
+  const TileSource<CK, CV> src(a.kcodes, a.vcodes, a.knorms, a.vnorms, bh * a.cap + start + 16 * tg, lane);
+  const u32 spipe = smem_addr(mypipe) + 16u * lane;  // this lane's first piece in stage 0
+  auto issue = [&](int it) {
+    if (it < mytiles) src.issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
+    cp_commit();
+  };
+#else
+  const u8* kc = a.kcodes + bh * a.cap * CK;
+  const u8* vc = a.vcodes + bh * a.cap * CV;
+  const u16* kn = a.knorms + bh * a.cap;
+  const u16* vn = a.vnorms + bh * a.cap;
   auto issue = [&](int it) {
     if (it < mytiles) {
       const int tok = start + 16 * (tg + it * NG);
@@ -1068,6 +1114,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
     }
     cp_commit();
   };
+#endif
   // the first tiles are in flight while the look-up tables and the queries are prepared
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
@@ -1379,6 +1426,14 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   // round trip less before the main loop; tiles past them are never read).
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
+#if TQ_TILE_SOURCE
+  const TileSource<CK, CV> src(a.kcodes, a.vcodes, a.knorms, a.vnorms, bh * a.cap + start + 16 * tg, lane);
+  const u32 spipe = smem_addr(mypipe) + 16u * lane;  // this lane's first piece in stage 0
+  auto issue = [&](int it) {
+    if (it < mytiles) src.issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
+    cp_commit();
+  };
+#else
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
   // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
   constexpr int NCHUNK = CK + CV + 4;  // 16-byte pieces per tile: key codes, value codes, norms
@@ -1407,6 +1462,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     }
     cp_commit();
   };
+#endif
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) issue(i);
   const int nc = max(0, len - a.W);
