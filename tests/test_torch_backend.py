@@ -88,14 +88,16 @@ def np_parts(p: Parts) -> Parts:
     return Parts(*(to_np(a) for a in (p.codes, p.norms, p.qjl, p.rnorms)))
 
 
-def norm_close(got, want, nd, p):
-    """Norms that agree to a relative tol(p) before rounding to ``nd`` (within one ulp after)."""
+def norm_close(got, want, nd, p, slack=None):
+    """Norms that agree to a relative tol(p) before rounding to ``nd`` (within one ulp after),
+    plus an absolute ``slack`` per row where FORMAT.md section 5 allows one."""
     got, want = got.astype(np.float64), want.astype(np.float64)
     fin = np.isfinite(want)
     if not np.array_equal(fin, np.isfinite(got)):
         return False
     spacing = np.spacing(np.abs(want[fin]).astype(nd)).astype(np.float64)
-    return bool(np.all(np.abs(got[fin] - want[fin]) <= tol(p) * np.abs(want[fin]) + spacing))
+    extra = 0.0 if slack is None else np.asarray(slack, np.float64)[fin]
+    return bool(np.all(np.abs(got[fin] - want[fin]) <= tol(p) * np.abs(want[fin]) + extra + spacing))
 
 
 def check_encoding(plan, x_ref, got: Parts, dense_exact: bool):
@@ -146,7 +148,12 @@ def check_encoding(plan, x_ref, got: Parts, dense_exact: bool):
             assert got.norms.tobytes() == want.norms.tobytes()
     if cfg.kind == "prod":
         if haar:
-            assert norm_close(got.rnorms[rows_same], want.rnorms[rows_same], plan.norm_dtype, p)
+            # r = u - c: the rotation's rounding moves u_j by up to tau_j, so |r| moves by up to
+            # |tau|, which is not small relative to a tiny residual (FORMAT.md section 5)
+            slack = tol(p) * np.ldexp(np.linalg.norm(np.abs(plan.matrix.astype(np.float64))
+                                                     @ np.abs(xs.astype(np.float64)).T, axis=0), e)
+            assert norm_close(got.rnorms[rows_same], want.rnorms[rows_same], plan.norm_dtype, p,
+                              slack[rows_same])
         else:
             assert got.rnorms.tobytes() == want.rnorms.tobytes()
         # residual of the reference, then the exact projection in float64
