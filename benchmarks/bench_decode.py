@@ -227,7 +227,30 @@ def run_big(rows):
 
 
 # ----------------------------------------------------------------------- timing
-def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at=()):
+def use_variant(defines: str) -> None:
+    """Compile-time variant of the decode kernels for the calls that follow
+    (tq.cuda._build.decode_defines reads TQ_DECODE_DEFINES at every call)."""
+    if defines:
+        os.environ["TQ_DECODE_DEFINES"] = defines
+    else:
+        os.environ.pop("TQ_DECODE_DEFINES", None)
+
+
+def parse_variants(text: str) -> tuple[tuple[str, str], ...]:
+    """'base=;tile=-DTQ_TILE_SOURCE=1' -> (("base", ""), ("tile", "-DTQ_TILE_SOURCE=1"));
+    empty: the build of the environment alone."""
+    if not text.strip():
+        return (("", os.environ.get("TQ_DECODE_DEFINES", "")),)
+    out = []
+    for item in text.split(";"):
+        name, sep, defs = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--variants: expected NAME=DEFINES, got {item!r}")
+        out.append((name.strip(), defs.strip()))
+    return tuple(out)
+
+
+def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at=(), variants=(("", ""),)):
     import torch
 
     from tq.cuda import PRESETS, PackedKVLayer
@@ -260,9 +283,13 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
                 t_fill = time.perf_counter() - t0
                 nbytes = decode_bytes_read([ctx] * b, WINDOW, HKV, D, kb, vb)
                 qf = q[:, :, 0]
+                use_variant(variants[0][1])
                 ref = layer.decode_attention(qf, out_dtype=torch.float32, impl="fma")
                 these = list(impls) + ([i for i in extra_impls] if (ctx, b) in extra_at else [])
-                for impl in these:
+                # variants are timed one after the other on the same layer and inputs
+                for impl, (vname, vdefs) in ((i, v) for i in these for v in variants):
+                    use_variant(vdefs)
+                    label = f"{impl} [{vname}]" if vname else impl
                     out = torch.empty(b, HQ, D, device="cuda", dtype=torch.bfloat16)
 
                     def fn(impl=impl, out=out):
@@ -284,14 +311,15 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
                         fn()
                     host_us = (time.perf_counter() - t1) / 50 * 1e6
                     torch.cuda.synchronize()
-                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=impl, ms=ms,
+                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=label, variant=vdefs, ms=ms,
                                      bytes=nbytes, gbps=nbytes / ms / 1e6, speedup=t_sdpa / ms,
                                      sdpa_ms=t_sdpa, ms_graph=ms_graph, sdpa_graph_ms=allbe.get("graph"),
                                      rel_dev_vs_fma=dev, host_us_per_call=host_us,
                                      fill_s=t_fill, nbytes_alloc=layer.nbytes()))
                     gtxt = f"graph {ms_graph:.4f} ms" if ms_graph else "graph -"
-                    log(f"    {preset} {impl}: {ms:.4f} ms  {nbytes / ms / 1e6:.0f} GB/s  x{t_sdpa / ms:.2f} vs SDPA  {gtxt}"
+                    log(f"    {preset} {label}: {ms:.4f} ms  {nbytes / ms / 1e6:.0f} GB/s  x{t_sdpa / ms:.2f} vs SDPA  {gtxt}"
                         f"  (dev vs fma {dev:.1e}, host {host_us:.0f} us/call, fill {t_fill:.2f} s)")
+                use_variant(variants[0][1])
                 # decode-step append (T=1) cost
                 k1 = torch.randn(b, HKV, 1, D, device="cuda", dtype=torch.bfloat16)
                 layer.reset()
@@ -470,6 +498,24 @@ def run_e2e(rows, layers=32, prompt=32768, gen=128, presets=("K4/V4", "K3/V2")):
 
 
 # ----------------------------------------------------------------------- report
+def variant_ratios(rows) -> list[str]:
+    """Time of the first variant over each other variant's, per configuration (side by side in
+    one run, on the same layer and inputs); empty without --variants."""
+    tq_rows = [r for r in rows if r["kind"] == "tq" and " [" in r["impl"]]
+    groups: dict = {}
+    for r in tq_rows:
+        impl, name = r["impl"].split(" [", 1)
+        groups.setdefault((r["ctx"], r["batch"], r["preset"], impl), []).append((name.rstrip("]"), r))
+    if not groups:
+        return []
+    out = ["", "| context | batch | cache | kernel | variant | time (ms) | first variant / this |", "|---|---|---|---|---|---|---|"]
+    for (ctx, b, preset, impl), vs in groups.items():
+        base = vs[0][1]["ms"]
+        for name, r in vs:
+            out.append(f"| {ctx} | {b} | {preset} | {impl} | {name} | {r['ms']:.4f} | {base / r['ms']:.3f} |")
+    return out
+
+
 def markdown(env, rows):
     out = ["| context | batch | cache | kernel | time (ms) | GB/s | speed-up vs SDPA | graph replay (ms) | speed-up, both graphed |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -485,6 +531,7 @@ def markdown(env, rows):
                        f"{mg if mg is None else format(mg, '.4f')} | {gs} |")
         elif r["kind"] == "skip":
             out.append(f"| {r['ctx']} | {r['batch']} | – | skipped: {r['reason']} | | | | | |")
+    out += variant_ratios(rows)
     checks = [r for r in rows if r["kind"] in ("check", "big")]
     if checks:
         out += ["", "| check | kernel | rel. error vs float64 | store bytes = reference |", "|---|---|---|---|"]
@@ -522,6 +569,9 @@ def main():
     ap.add_argument("--impls", default="auto,mmt,mma,fma")
     ap.add_argument("--extra-impls", default="mma_v1", help="also timed at --extra-at (version notes)")
     ap.add_argument("--extra-at", default="32768:8,131072:1,131072:8")
+    ap.add_argument("--variants", default="",
+                    help="compile-time variants timed side by side, 'NAME=DEFINES;NAME=DEFINES' "
+                         "(e.g. 'base=;tile=-DTQ_TILE_SOURCE=1'); the first is the reference")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--stem", default="decode_kernel")
     ap.add_argument("--profile", action="store_true", help="one decode per preset/impl (for ncu)")
@@ -570,7 +620,8 @@ def main():
         if a.timing:
             run_timing(rows, [int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")],
                        a.presets.split(","), a.impls.split(","), [x for x in a.extra_impls.split(",") if x],
-                       [tuple(int(y) for y in x.split(":")) for x in a.extra_at.split(",") if x])
+                       [tuple(int(y) for y in x.split(":")) for x in a.extra_at.split(",") if x],
+                       parse_variants(a.variants))
             save()
         if a.e2e:
             run_e2e(rows, layers=a.e2e_layers)

@@ -410,3 +410,34 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
     assert choose_split_kernel(8, 8, 4, 32768) == "mmt"
     assert choose_split_kernel(32, 8, 4, 4096) == "mmt"
     assert choose_split_kernel(32, 8, 32, 32768) == "fma"
+
+
+def test_module_cache_follows_compile_variants(monkeypatch):
+    """TQ_DECODE_DEFINES is read at every call: each variant gets its own module (benchmarks
+    time variants side by side in one process), the same variant the cached one."""
+    from tq.cuda import _build
+
+    built = []
+
+    class FakeModule:
+        def __init__(self, kind, p, kb, vb, nrep, wt, qt, ot, defines=()):
+            self.defines = defines
+            built.append(defines)
+
+    monkeypatch.setattr(_build, "Module", FakeModule)
+    _build._get_module.cache_clear()
+    _build._get_store.cache_clear()
+    try:
+        monkeypatch.delenv("TQ_DECODE_DEFINES", raising=False)
+        base = _build.get_module("decode", 128, 4, 4, 4)
+        monkeypatch.setenv("TQ_DECODE_DEFINES", "-DTQ_TILE_SOURCE=1  -DX=2")
+        tile = _build.get_module("decode", 128, 4, 4, 4)
+        assert tile is not base and tile.defines == ("-DTQ_TILE_SOURCE=1", "-DX=2")
+        assert _build.get_module("decode", 128, 4, 4, 4) is tile
+        monkeypatch.delenv("TQ_DECODE_DEFINES")
+        assert _build.get_module("decode", 128, 4, 4, 4) is base and base.defines == ()
+        assert _build.get_module("store", 128, 4, 4).defines == ()
+        assert len(built) == 3
+    finally:
+        _build._get_module.cache_clear()
+        _build._get_store.cache_clear()

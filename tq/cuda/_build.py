@@ -36,7 +36,8 @@ def dtype_code(dtype) -> int:
 class Module:
     """Compiled kernels of one configuration (``kind`` "store" or "decode")."""
 
-    def __init__(self, kind: str, p: int, kb: int, vb: int, nrep: int, wt: int, qt: int, ot: int):
+    def __init__(self, kind: str, p: int, kb: int, vb: int, nrep: int, wt: int, qt: int, ot: int,
+                 defines: tuple[str, ...] = ()):
         import cupy as cp
 
         self.p, self.kb, self.vb, self.nrep = p, kb, vb, nrep
@@ -55,9 +56,9 @@ class Module:
                 "fma": f"tq_split_fma<{p},{kb},{vb},{nrep},{qt},{wt},{ot}>",
             }
         exprs = [n for n in self.names.values() if n]
-        # TQ_DECODE_DEFINES="-DNAME=VALUE ...": compile-time variants for benchmarks only
-        extra = tuple(os.environ.get("TQ_DECODE_DEFINES", "").split())
-        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",) + extra, name_expressions=exprs)
+        self.defines = tuple(defines)
+        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",) + self.defines,
+                                   name_expressions=exprs)
         self.kernels = {k: (self.module.get_function(n) if n else None) for k, n in self.names.items()}
         self._smem_set: dict[str, int] = {}
 
@@ -123,18 +124,28 @@ class RawLauncher:
         self._launch(self.fptr, gx, gy, gz, block, 1, 1, self.shared_mem, stream_handle, self.params_ptr, 0)
 
 
-@functools.lru_cache(maxsize=None)
+def decode_defines() -> tuple[str, ...]:
+    """Compile-time variants for benchmarks only: ``TQ_DECODE_DEFINES="-DNAME=VALUE ..."``,
+    read at every call, so one process can time several variants side by side
+    (``benchmarks/bench_decode.py --variants``); each variant is its own cached module."""
+    return tuple(os.environ.get("TQ_DECODE_DEFINES", "").split())
+
+
 def get_module(kind: str, p: int, kb: int, vb: int, nrep: int = 1, wt: int = 2, qt: int = 2, ot: int = 2) -> Module:
+    return _get_module(kind, p, kb, vb, nrep, wt, qt, ot, decode_defines())
+
+
+@functools.lru_cache(maxsize=None)
+def _get_module(kind, p, kb, vb, nrep, wt, qt, ot, defines) -> Module:
     with _LOCK:
         if kind == "store":
-            nrep, qt, ot = 1, 0, 0
-            return _get_store(p, kb, vb, wt)
-        return Module(kind, p, kb, vb, nrep, wt, qt, ot)
+            return _get_store(p, kb, vb, wt, defines)
+        return Module(kind, p, kb, vb, nrep, wt, qt, ot, defines)
 
 
 @functools.lru_cache(maxsize=None)
-def _get_store(p, kb, vb, wt):
-    return Module("store", p, kb, vb, 1, wt, 0, 0)
+def _get_store(p, kb, vb, wt, defines=()):
+    return Module("store", p, kb, vb, 1, wt, 0, 0, defines)
 
 
 _STREAMS: dict = {}

@@ -158,6 +158,8 @@ class PackedKVLayer:
                 if ctx is not None:
                     ctx.__enter__()
                 try:
+                    if key is not None:
+                        key = (id(mod), key)  # a launcher belongs to one compiled module
                     lau = self._launchers.get(key) if key is not None else None
                     if lau is None:
                         lau = mod.make_launcher(which, make_args(), smem, self.device.index)
