@@ -465,17 +465,24 @@ TQ_D void cp16(u32 dst, const void* src) {
 // a tile t rows further is one wide multiply-add per array and its pieces are immediate
 // offsets.  (A flat piece index per lane, tested against the three array bounds at every
 // tile, cost ~55 SASS instructions per tile of tq_split_mmt's main loop.)
-template <int CK, int CV>
+template <int CK, int CV, int STAGES, int NG>
 struct TileSource {
+  static constexpr u32 TILE_BYTES = 16 * CK + 16 * CV + 64;
   const u8* k;  // key codes: piece lane + 32 u of the tile
   const u8* v;  // value codes: piece lane + 32 u
   const u8* n;  // lanes 0, 1: the key norms' pieces, lanes 2, 3: the value norms'
-  u32 lane;
-  TQ_D TileSource(const u8* kcodes, const u8* vcodes, const u16* knorms, const u16* vnorms, i64 row, u32 ln)
-      : k(kcodes + row * CK + 16 * ln), v(vcodes + row * CV + 16 * ln),
-        n(reinterpret_cast<const u8*>((ln < 2 ? knorms : vnorms) + row) + 16 * (ln & 1)), lane(ln) {}
-  // request the tile `rows` rows past the first one into the stage at shared address dst
-  // (the stage's base plus 16 lane)
+  u32 lane, spipe;  // spipe: this lane's first piece in stage 0 (shared address)
+  // row: the warp's first tile (row of the (sequence, kv head) storage); pipe: its stages
+  TQ_D TileSource(const SplitArgs& a, i64 row, u32 ln, const u8* pipe)
+      : k(a.kcodes + row * CK + 16 * ln), v(a.vcodes + row * CV + 16 * ln),
+        n(reinterpret_cast<const u8*>((ln < 2 ? a.knorms : a.vnorms) + row) + 16 * (ln & 1)),
+        lane(ln), spipe(smem_addr(pipe) + 16u * ln) {}
+  // the warp's tile `it` (if below `tiles`) into its stage, then one commit group
+  TQ_D void request(int it, int tiles) const {
+    if (it < tiles) issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
+    cp_commit();
+  }
+  // the tile `rows` rows past the first one into the stage at dst (its base plus 16 lane)
   TQ_D void issue(u32 dst, u32 rows) const {
     const u8* pk = k + (u64)rows * CK;
     const u8* pv = v + (u64)rows * CV;
@@ -1086,12 +1093,8 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 
 #if TQ_TILE_SOURCE
-  const TileSource<CK, CV> src(a.kcodes, a.vcodes, a.knorms, a.vnorms, bh * a.cap + start + 16 * tg, lane);
-  const u32 spipe = smem_addr(mypipe) + 16u * lane;  // this lane's first piece in stage 0
-  auto issue = [&](int it) {
-    if (it < mytiles) src.issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
-    cp_commit();
-  };
+  const TileSource<CK, CV, STAGES, NG> src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
+  auto issue = [&](int it) { src.request(it, mytiles); };
 #else
   const u8* kc = a.kcodes + bh * a.cap * CK;
   const u8* vc = a.vcodes + bh * a.cap * CV;
@@ -1427,12 +1430,8 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 #if TQ_TILE_SOURCE
-  const TileSource<CK, CV> src(a.kcodes, a.vcodes, a.knorms, a.vnorms, bh * a.cap + start + 16 * tg, lane);
-  const u32 spipe = smem_addr(mypipe) + 16u * lane;  // this lane's first piece in stage 0
-  auto issue = [&](int it) {
-    if (it < mytiles) src.issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
-    cp_commit();
-  };
+  const TileSource<CK, CV, STAGES, NG> src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
+  auto issue = [&](int it) { src.request(it, mytiles); };
 #else
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
   // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
