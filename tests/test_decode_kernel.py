@@ -441,3 +441,89 @@ def test_module_cache_follows_compile_variants(monkeypatch):
     finally:
         _build._get_module.cache_clear()
         _build._get_store.cache_clear()
+
+
+# (CK, CV, stages, token groups) of TileSource instantiations: bytes per row of 2-, 3- and
+# 4-bit codes at P = 64, 128, 256, the mma/mmt pipeline depths, and DSPLIT = 2 (two groups)
+TILE_SOURCE_CASES = [(64, 64, 2, 4), (48, 32, 4, 4), (64, 32, 3, 4), (24, 24, 4, 4), (32, 16, 4, 4),
+                     (16, 16, 4, 4), (96, 64, 3, 2), (128, 128, 2, 2), (64, 16, 2, 2)]
+
+
+def test_tile_source_requests_every_piece_once(tmp_path):
+    """decode.cu's TileSource (TQ_TILE_SOURCE=1), built for the CPU with cp.async recorded:
+    the 32 lanes request each 16-byte piece of a tile (key codes, value codes, key and value
+    norms) exactly once, from the tile's rows and into its stage, as the flat piece index
+    of the default path does."""
+    import re
+
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    with open(os.path.join(os.path.dirname(tq.__file__), "kernels", "decode.cu")) as f:
+        text = f.read()
+    m = re.search(r"template <int CK, int CV, int STAGES, int NG>\nstruct TileSource \{.*?\n\};\n", text, re.S)
+    assert m, "TileSource not found in decode.cu"
+    cases = "\n".join(f"  if (ck == {a} && cv == {b} && st == {c} && ng == {d}) run<{a}, {b}, {c}, {d}>(row, it, tiles);"
+                      for a, b, c, d in TILE_SOURCE_CASES)
+    src = tmp_path / "tile.cpp"
+    src.write_text(r"""#include <cstdio>
+typedef unsigned char u8; typedef unsigned short u16; typedef unsigned int u32;
+typedef unsigned long long u64; typedef long long i64;
+#define TQ_D inline
+struct SplitArgs { const u8* kcodes; const u16* knorms; const u8* vcodes; const u16* vnorms; };
+static u8 arrays[4][1 << 22];  // key codes, value codes, key norms, value norms
+static u8 pipe[1 << 16];
+static u32 cur_lane;
+inline u32 smem_addr(const void* p) { return (u32)((const u8*)p - pipe); }
+inline void cp16(u32 dst, const void* s) {
+  const u8* p = (const u8*)s;
+  for (int a = 0; a < 4; ++a)
+    if (p >= arrays[a] && p < arrays[a] + sizeof(arrays[a])) { printf("%u %u %d %ld\n", cur_lane, dst, a, (long)(p - arrays[a])); return; }
+  printf("%u %u -1 0\n", cur_lane, dst);
+}
+inline void cp_commit() { printf("commit %u\n", cur_lane); }
+""" + m.group(0) + r"""
+template <int CK, int CV, int ST, int NG> void run(long row, int it, int tiles) {
+  SplitArgs a{arrays[0], (const u16*)arrays[2], arrays[1], (const u16*)arrays[3]};
+  for (u32 lane = 0; lane < 32; ++lane) {
+    cur_lane = lane;
+    TileSource<CK, CV, ST, NG> s(a, row, lane, pipe + 64);
+    s.request(it, tiles);
+  }
+}
+int main() {
+  int ck, cv, st, ng, it, tiles; long row;
+  while (scanf("%d %d %d %d %ld %d %d", &ck, &cv, &st, &ng, &row, &it, &tiles) == 7) {
+""" + cases + r"""
+    printf("end\n");
+  }
+}
+""")
+    exe = tmp_path / "tile"
+    subprocess.run([cxx, "-std=c++17", "-O1", str(src), "-o", str(exe)], check=True)
+    jobs = [(ck, cv, st, ng, row, it, tiles) for ck, cv, st, ng in TILE_SOURCE_CASES
+            for row, it, tiles in ((0, 0, 1), (64 * 3 + 16, 5, 9), (4096 + 48, 2, 2), (128, 3, 3))]
+    res = subprocess.run([str(exe)], input="".join(" ".join(map(str, j)) + "\n" for j in jobs),
+                         capture_output=True, text=True, check=True)
+    blocks = res.stdout.split("end\n")[:-1]
+    assert len(blocks) == len(jobs)
+    for (ck, cv, st, ng, row, it, tiles), out in zip(jobs, blocks):
+        lines = out.split("\n")[:-1]
+        commits = [ln for ln in lines if ln.startswith("commit")]
+        assert len(commits) == 32  # one commit group per lane, with or without a tile
+        got = sorted(tuple(int(x) for x in ln.split()[1:]) for ln in lines if not ln.startswith("commit"))
+        want = []
+        if it < tiles:
+            r = row + it * ng * 16
+            stage = 64 + (it % st) * (16 * ck + 16 * cv + 64)
+            for i in range(ck + cv + 4):
+                if i < ck:
+                    piece = (0, r * ck + 16 * i)
+                elif i < ck + cv:
+                    piece = (1, r * cv + 16 * (i - ck))
+                elif i < ck + cv + 2:
+                    piece = (2, 2 * r + 16 * (i - ck - cv))
+                else:
+                    piece = (3, 2 * r + 16 * (i - ck - cv - 2))
+                want.append((stage + 16 * i,) + piece)
+        assert got == sorted(want), (ck, cv, st, ng, row, it, tiles)
