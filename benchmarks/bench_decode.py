@@ -290,6 +290,7 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
                 # alternating order from one configuration to the next (no systematic first)
                 order = variants if len(rows) % 2 == 0 else variants[::-1]
                 for impl, (vname, vdefs) in ((i, v) for i in these for v in order):
+                    vindex = variants.index((vname, vdefs))
                     use_variant(vdefs)
                     label = f"{impl} [{vname}]" if vname else impl
                     out = torch.empty(b, HQ, D, device="cuda", dtype=torch.bfloat16)
@@ -313,7 +314,7 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
                         fn()
                     host_us = (time.perf_counter() - t1) / 50 * 1e6
                     torch.cuda.synchronize()
-                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=label, variant=vdefs, ms=ms,
+                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=label, variant=vdefs, variant_index=vindex, ms=ms,
                                      bytes=nbytes, gbps=nbytes / ms / 1e6, speedup=t_sdpa / ms,
                                      sdpa_ms=t_sdpa, ms_graph=ms_graph, sdpa_graph_ms=allbe.get("graph"),
                                      rel_dev_vs_fma=dev, host_us_per_call=host_us,
@@ -512,6 +513,7 @@ def variant_ratios(rows) -> list[str]:
         return []
     out = ["", "| context | batch | cache | kernel | variant | time (ms) | first variant / this |", "|---|---|---|---|---|---|---|"]
     for (ctx, b, preset, impl), vs in groups.items():
+        vs.sort(key=lambda nr: nr[1].get("variant_index", 0))
         base = vs[0][1]["ms"]
         for name, r in vs:
             out.append(f"| {ctx} | {b} | {preset} | {impl} | {name} | {r['ms']:.4f} | {base / r['ms']:.3f} |")
