@@ -228,12 +228,10 @@ def run_big(rows):
 
 # ----------------------------------------------------------------------- timing
 def use_variant(defines: str) -> None:
-    """Compile-time variant of the decode kernels for the calls that follow
-    (tq.cuda._build.decode_defines reads TQ_DECODE_DEFINES at every call)."""
-    if defines:
-        os.environ["TQ_DECODE_DEFINES"] = defines
-    else:
-        os.environ.pop("TQ_DECODE_DEFINES", None)
+    """Compile-time variant of the decode kernels for the calls that follow."""
+    from tq.cuda import _build
+
+    _build.set_decode_defines(defines)
 
 
 def parse_variants(text: str) -> tuple[tuple[str, str], ...]:
@@ -345,6 +343,7 @@ def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
     from torch.profiler import ProfilerActivity, profile
 
     from tq.cuda import PRESETS, PackedKVLayer
+    from tq.cuda._build import decode_defines
 
     log("== kernels (per-kernel GPU time of one decode call)")
     for ctx, b in configs:
@@ -377,7 +376,7 @@ def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
             except Exception as e:  # attribute names differ across CuPy versions
                 regs["error"] = f"{type(e).__name__}: {e}"
             rows.append(dict(kind="kernels", ctx=ctx, batch=b, preset=preset, us=med, regs=regs,
-                             defines=os.environ.get("TQ_DECODE_DEFINES", "")))
+                             defines=" ".join(decode_defines())))
             log(f"  ctx={ctx} B={b} {preset}: " + ", ".join(f"{n} {t:.1f} us" for n, t in med.items()) + f"  {regs}")
             del layer
         del k

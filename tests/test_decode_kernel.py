@@ -413,8 +413,9 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
 
 
 def test_module_cache_follows_compile_variants(monkeypatch):
-    """TQ_DECODE_DEFINES is read at every call: each variant gets its own module (benchmarks
-    time variants side by side in one process), the same variant the cached one."""
+    """TQ_DECODE_DEFINES is read when the first module is requested and set_decode_defines
+    switches variants: each variant gets its own module (benchmarks time variants side by
+    side in one process), the same variant the cached one."""
     from tq.cuda import _build
 
     built = []
@@ -429,16 +430,21 @@ def test_module_cache_follows_compile_variants(monkeypatch):
     _build._get_store.cache_clear()
     try:
         monkeypatch.delenv("TQ_DECODE_DEFINES", raising=False)
+        _build.set_decode_defines(None)
         base = _build.get_module("decode", 128, 4, 4, 4)
-        monkeypatch.setenv("TQ_DECODE_DEFINES", "-DTQ_TILE_SOURCE=1  -DX=2")
+        _build.set_decode_defines("-DTQ_TILE_SOURCE=1  -DX=2")
         tile = _build.get_module("decode", 128, 4, 4, 4)
         assert tile is not base and tile.defines == ("-DTQ_TILE_SOURCE=1", "-DX=2")
         assert _build.get_module("decode", 128, 4, 4, 4) is tile
-        monkeypatch.delenv("TQ_DECODE_DEFINES")
+        _build.set_decode_defines("")
         assert _build.get_module("decode", 128, 4, 4, 4) is base and base.defines == ()
         assert _build.get_module("store", 128, 4, 4).defines == ()
+        monkeypatch.setenv("TQ_DECODE_DEFINES", "-DTQ_TILE_SOURCE=1 -DX=2")
+        _build.set_decode_defines(None)  # read the environment again
+        assert _build.get_module("decode", 128, 4, 4, 4) is tile
         assert len(built) == 3
     finally:
+        _build.set_decode_defines(None)
         _build._get_module.cache_clear()
         _build._get_store.cache_clear()
 

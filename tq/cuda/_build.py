@@ -124,11 +124,25 @@ class RawLauncher:
         self._launch(self.fptr, gx, gy, gz, block, 1, 1, self.shared_mem, stream_handle, self.params_ptr, 0)
 
 
+_DEFINES: tuple[str, ...] | None = None  # the compile-time variant; None: not read yet
+
+
 def decode_defines() -> tuple[str, ...]:
-    """Compile-time variants for benchmarks only: ``TQ_DECODE_DEFINES="-DNAME=VALUE ..."``,
-    read at every call, so one process can time several variants side by side
-    (``benchmarks/bench_decode.py --variants``); each variant is its own cached module."""
-    return tuple(os.environ.get("TQ_DECODE_DEFINES", "").split())
+    """Compile-time variant of the decode kernels, for benchmarks only:
+    ``TQ_DECODE_DEFINES="-DNAME=VALUE ..."``, read when the first module is requested (not
+    at every decode call: this is on the launch path), or set by ``set_decode_defines``."""
+    global _DEFINES
+    if _DEFINES is None:
+        _DEFINES = tuple(os.environ.get("TQ_DECODE_DEFINES", "").split())
+    return _DEFINES
+
+
+def set_decode_defines(defines: str | None) -> None:
+    """Compile the modules requested from now on with ``defines`` ("-DNAME=VALUE ..."); None:
+    read TQ_DECODE_DEFINES again.  Each variant is its own cached module, so one process can
+    time several side by side (``benchmarks/bench_decode.py --variants``)."""
+    global _DEFINES
+    _DEFINES = None if defines is None else tuple(defines.split())
 
 
 def get_module(kind: str, p: int, kb: int, vb: int, nrep: int = 1, wt: int = 2, qt: int = 2, ot: int = 2) -> Module:
