@@ -445,14 +445,13 @@ TQ_D u32 smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
   return r;
 }
-TQ_D void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
-}
-TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+// 16 bytes global -> shared (shared address dst), completing at a later cp_wait
 TQ_D void cp16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
+TQ_D void cp_async16(void* dst, const void* src) { cp16(smem_addr(dst), src); }
+TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 // TQ_TILE_SOURCE=1: the split kernels request their tiles through TileSource (below);
 // 0 (default until it has been timed and tested on a GPU): the flat piece index.
@@ -1455,7 +1454,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
           else if (i < CK + CV) src = gv + (tk * CV + 16u * (i - CK));
           else if (i < CK + CV + 2) src = gkn + (tk * 2u + 16u * (i - CK - CV));
           else src = gvn + (tk * 2u + 16u * (i - CK - CV - 2));
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + 512u * u), "l"(src));
+          cp16(dst + 512u * u, src);
         }
       }
     }
