@@ -312,7 +312,7 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
                         fn()
                     host_us = (time.perf_counter() - t1) / 50 * 1e6
                     torch.cuda.synchronize()
-                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=label, variant=vdefs, variant_index=vindex, ms=ms,
+                    rows.append(dict(kind="tq", ctx=ctx, batch=b, preset=preset, impl=label, kernel=impl, variant_name=vname, variant=vdefs, variant_index=vindex, ms=ms,
                                      bytes=nbytes, gbps=nbytes / ms / 1e6, speedup=t_sdpa / ms,
                                      sdpa_ms=t_sdpa, ms_graph=ms_graph, sdpa_graph_ms=allbe.get("graph"),
                                      rel_dev_vs_fma=dev, host_us_per_call=host_us,
@@ -503,19 +503,18 @@ def run_e2e(rows, layers=32, prompt=32768, gen=128, presets=("K4/V4", "K3/V2")):
 def variant_ratios(rows) -> list[str]:
     """Time of the first variant over each other variant's, per configuration (side by side in
     one run, on the same layer and inputs); empty without --variants."""
-    tq_rows = [r for r in rows if r["kind"] == "tq" and " [" in r["impl"]]
     groups: dict = {}
-    for r in tq_rows:
-        impl, name = r["impl"].split(" [", 1)
-        groups.setdefault((r["ctx"], r["batch"], r["preset"], impl), []).append((name.rstrip("]"), r))
+    for r in rows:
+        if r["kind"] == "tq" and r.get("variant_name"):
+            groups.setdefault((r["ctx"], r["batch"], r["preset"], r["kernel"]), []).append(r)
     if not groups:
         return []
     out = ["", "| context | batch | cache | kernel | variant | time (ms) | first variant / this |", "|---|---|---|---|---|---|---|"]
     for (ctx, b, preset, impl), vs in groups.items():
-        vs.sort(key=lambda nr: nr[1].get("variant_index", 0))
-        base = vs[0][1]["ms"]
-        for name, r in vs:
-            out.append(f"| {ctx} | {b} | {preset} | {impl} | {name} | {r['ms']:.4f} | {base / r['ms']:.3f} |")
+        vs.sort(key=lambda r: r["variant_index"])
+        base = vs[0]["ms"]
+        for r in vs:
+            out.append(f"| {ctx} | {b} | {preset} | {impl} | {r['variant_name']} | {r['ms']:.4f} | {base / r['ms']:.3f} |")
     return out
 
 
