@@ -59,13 +59,14 @@ ENC_EMAX = _env_int("TQ_CUPY_ENC_EMAX", 128, _EMAX_CHOICES)
 DEC_EMAX = {"mse": _env_int("TQ_CUPY_DEC_EMAX", 128, _EMAX_CHOICES),
             "prod": _env_int("TQ_CUPY_DEC_EMAX", 32, _EMAX_CHOICES)}
 ENC_MINB = _env_int("TQ_CUPY_ENC_MINB", 3, range(1, 17))  # resident blocks the MSE encoder is built for
+DECODE_WP = 36  # decode output staging pitch in floats (TQQ_WP): a 32-column slice per thread
 _BASE_OPTIONS = ("--std=c++17", "-fmad=false")
 
 
 def kernel_defines() -> tuple:
     """The -D options the fast kernels are compiled with (the launch geometry above)."""
     return (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
-            f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}")
+            f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}", f"-DTQQ_WP={DECODE_WP}")
 
 
 FAST_P = (8, 16, 32, 64, 128, 256)
@@ -259,7 +260,7 @@ def fast_encode_smem(p: int, d: int, itemsize: int, prod: bool, haar: bool) -> i
 
 
 def fast_decode_smem(p: int, prod: bool, haar: bool) -> int:
-    staging = _NT * 36 * 4  # a 32-column output slice per thread, pitch TQQ_WP = 36 floats
+    staging = _NT * DECODE_WP * 4
     tr = tile_rows(p, DEC_EMAX["prod" if prod else "mse"])
     return (2 * p + 512) * 4 + staging + (2 * tr * (p + 4) * 4 if (prod or haar) else 0)
 

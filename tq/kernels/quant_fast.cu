@@ -553,7 +553,9 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
 // ------------------------------------------------------------ decode
 // Shared memory: signs 2P | centroids 256 | (unused) 256 | output staging 128 x TQQ_WP |
 // X tile | Y tile (prod or Haar)
+#ifndef TQQ_WP  // the backend passes it (cupy_backend.DECODE_WP), which sizes the shared memory
 #define TQQ_WP 36  // output staging pitch (floats): one thread's 32-column slice, conflict-free float4s
+#endif
 template <int P, int B, bool PROD>
 __global__ void __launch_bounds__(TQQ_NT, TQQ_DEC_MINB(PROD))
 tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, const tqq_u8* __restrict__ qjl,
