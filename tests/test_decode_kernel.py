@@ -392,7 +392,8 @@ def test_split_smem_plan():
 def test_mmt_config_and_kernel_choice(monkeypatch):
     """tq_split_mmt's pipeline depth and occupancy fit the SM's shared memory, and
     impl="auto" takes it only for grids that fill the GPU."""
-    from tq.cuda.layout import choose_split_kernel, mmt_config, mmt_smem_bytes, smem_share
+    from tq.cuda.layout import (choose_split_kernel, mmt_config, mmt_holes_fit, mmt_prmt, mmt_smem_bytes,
+                                smem_share)
     monkeypatch.delenv("TQ_MMT_CONFIG", raising=False)
     for p in (64, 128, 256):
         for kb in (2, 3, 4):
@@ -403,6 +404,22 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
                     assert mb <= (4 if nrep <= 8 else 3)   # 128 registers only up to 8 heads
     assert mmt_config(128, 4, 4, 4) == (2, 4)     # the 32 KiB K4 pair table leaves room for 2 stages
     assert mmt_config(128, 3, 2, 4) == (4, 4)
+    # byte-permute layout: a 64 KiB key table (3 blocks at most), the pipeline in its holes
+    for p in (64, 128, 256):
+        for kb in (2, 3, 4):
+            for vb in (2, 3, 4):
+                for nrep in (1, 4, 8, 16):
+                    pr = mmt_prmt(p, kb, vb, nrep, True)
+                    assert pr == (kb == 4 and vb in (2, 4) and p <= 128 and nrep <= 8)
+                    st, mb = mmt_config(p, kb, vb, nrep, True)
+                    assert mmt_smem_bytes(p, kb, vb, nrep, st, pr) <= smem_share(mb)
+                    if pr:
+                        assert mb == 3 and mmt_holes_fit(p, kb, vb, st) and mmt_smem_bytes(p, kb, vb, nrep, st, True) > 65536
+                    else:
+                        assert (st, mb) == mmt_config(p, kb, vb, nrep)
+    assert mmt_config(128, 4, 4, 4, True) == (3, 3)   # 4 stages of 17 runs per warp would need 272 holes
+    assert mmt_config(128, 4, 2, 4, True) == (4, 3)   # 16 value-table entries + 16 x 13 runs
+    assert not mmt_holes_fit(128, 4, 4, 4) and mmt_holes_fit(128, 4, 4, 3)
     monkeypatch.setenv("TQ_MMT_CONFIG", "3,3")
     assert mmt_config(128, 4, 4, 4) == (3, 3)
     assert choose_split_kernel(1, 8, 4, 131072) == "mma"     # 8 pairs: small grid
@@ -410,6 +427,53 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
     assert choose_split_kernel(8, 8, 4, 32768) == "mmt"
     assert choose_split_kernel(32, 8, 4, 4096) == "mmt"
     assert choose_split_kernel(32, 8, 32, 32768) == "fma"
+
+
+# (field bits W, stream bit BIT, log2 entry pitch S) of decode.cu's lut_off: byte-aligned
+# 8-bit fields with S = 8 take the PRMT path, the others shifts, straddling fields a funnel
+LUT_OFF_CASES = [(8, 0, 8), (8, 8, 8), (8, 16, 8), (8, 24, 8), (8, 48, 8), (8, 28, 8), (4, 0, 8), (4, 12, 8),
+                 (4, 28, 8), (6, 30, 8), (8, 0, 7), (8, 24, 7), (8, 28, 7), (6, 0, 7), (6, 30, 7), (4, 60, 7)]
+
+
+def test_lut_offsets_on_host(tmp_path):
+    """decode.cu's lut_off, built for the CPU: the offset of this lane's copy of the field's
+    table entry is (field << S) | lane * 4 for both entry pitches (128 bytes, and 256 bytes
+    with the byte-permute path of TQ_PRMT_LUT), fields inside a word or across two."""
+    import re
+
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    kdir = os.path.join(os.path.dirname(tq.__file__), "kernels")
+    with open(os.path.join(kdir, "decode.cu")) as f:
+        text = f.read()
+    m = re.search(r"template <int W, int SH, int S>\nTQ_D u32 lut_off_reg\(u32 x, u32 lane4\);.*?(?=\n// compile-time loop)", text, re.S)
+    assert m, "lut_off not found in decode.cu"
+    calls = "\n".join(f'    printf("%u\\n", lut_off<{w}, {b}, {s}>(wd, lane4));' for w, b, s in LUT_OFF_CASES)
+    src = tmp_path / "lut.cpp"
+    src.write_text(f'#include <cstdio>\n#include "{os.path.join(kdir, "decode_common.cuh")}"\n#define TQ_D inline\n'
+                   + m.group(0) + r"""
+int main() {
+  u32 wd[3], lane;
+  while (scanf("%x %x %u", &wd[0], &wd[1], &lane) == 3) {
+    wd[2] = 0;
+    const u32 lane4 = lane * 4;
+""" + calls + r"""
+  }
+}
+""")
+    exe = tmp_path / "lut"
+    subprocess.run([cxx, "-std=c++17", "-O1", str(src), "-o", str(exe)], check=True)
+    rng = np.random.default_rng(11)
+    words = rng.integers(0, 1 << 32, size=(300, 2), dtype=np.uint64)
+    lanes = rng.integers(0, 32, size=300)
+    res = subprocess.run([str(exe)], input="".join(f"{a:x} {b:x} {ln}\n" for (a, b), ln in zip(words, lanes)),
+                         capture_output=True, text=True, check=True)
+    got = np.array(res.stdout.split(), dtype=np.int64).reshape(300, len(LUT_OFF_CASES))
+    for j, (w, bit, s) in enumerate(LUT_OFF_CASES):
+        stream = [int(a) | (int(b) << 32) for a, b in words]
+        want = [(((x >> bit) & ((1 << w) - 1)) << s) | (4 * int(ln)) for x, ln in zip(stream, lanes)]
+        np.testing.assert_array_equal(got[:, j], want, err_msg=str((w, bit, s)))
 
 
 def test_module_cache_follows_compile_variants(monkeypatch):
@@ -443,6 +507,9 @@ def test_module_cache_follows_compile_variants(monkeypatch):
         _build.set_decode_defines(None)  # read the environment again
         assert _build.get_module("decode", 128, 4, 4, 4) is tile
         assert len(built) == 3
+        assert _build.define_value(("-DTQ_TILE_SOURCE=1", "-DX=0x10", "-DY"), "X") == 16
+        assert _build.define_value(("-DTQ_TILE_SOURCE=1", "-DY"), "Y") == 1
+        assert _build.define_value(("-DTQ_TILE_SOURCE=1",), "TQ_PRMT_LUT") == 0
     finally:
         _build.set_decode_defines(None)
         _build._get_module.cache_clear()
@@ -451,15 +518,23 @@ def test_module_cache_follows_compile_variants(monkeypatch):
 
 # (CK, CV, stages, token groups) of TileSource instantiations: bytes per row of 2-, 3- and
 # 4-bit codes at P = 64, 128, 256, the mma/mmt pipeline depths, and DSPLIT = 2 (two groups)
-TILE_SOURCE_CASES = [(64, 64, 2, 4), (48, 32, 4, 4), (64, 32, 3, 4), (24, 24, 4, 4), (32, 16, 4, 4),
-                     (16, 16, 4, 4), (96, 64, 3, 2), (128, 128, 2, 2), (64, 16, 2, 2)]
+# (CK, CV, stages, token groups, stages in the table's holes)
+TILE_SOURCE_CASES = [(64, 64, 2, 4, 0), (48, 32, 4, 4, 0), (64, 32, 3, 4, 0), (24, 24, 4, 4, 0), (32, 16, 4, 4, 0),
+                     (16, 16, 4, 4, 0), (96, 64, 3, 2, 0), (128, 128, 2, 2, 0), (64, 16, 2, 2, 0),
+                     (64, 64, 3, 4, 1), (64, 32, 4, 4, 1), (32, 32, 4, 4, 1), (32, 16, 4, 4, 1)]
+
+
+def _hole_off(o: int) -> int:
+    """decode.cu hole_off<true>: stage byte o in 128-byte runs 256 bytes apart."""
+    return o + (o & ~127)
 
 
 def test_tile_source_requests_every_piece_once(tmp_path):
     """decode.cu's TileSource (TQ_TILE_SOURCE=1), built for the CPU with cp.async recorded:
     the 32 lanes request each 16-byte piece of a tile (key codes, value codes, key and value
     norms) exactly once, from the tile's rows and into its stage, as the flat piece index
-    of the default path does."""
+    of the default path does.  With HOLES (TQ_PRMT_LUT) every piece lands in the upper
+    128 bytes of a 256-byte table entry, at hole_off of its stage offset."""
     import re
 
     cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -467,15 +542,16 @@ def test_tile_source_requests_every_piece_once(tmp_path):
         pytest.skip("no C++ compiler")
     with open(os.path.join(os.path.dirname(tq.__file__), "kernels", "decode.cu")) as f:
         text = f.read()
-    m = re.search(r"template <int CK, int CV, int STAGES, int NG>\nstruct TileSource \{.*?\n\};\n", text, re.S)
+    m = re.search(r"template <bool HOLES>\nTQ_HD constexpr u32 hole_off.*?\nstruct TileSource \{.*?\n\};\n", text, re.S)
     assert m, "TileSource not found in decode.cu"
-    cases = "\n".join(f"  if (ck == {a} && cv == {b} && st == {c} && ng == {d}) run<{a}, {b}, {c}, {d}>(row, it, tiles);"
-                      for a, b, c, d in TILE_SOURCE_CASES)
+    cases = "\n".join(f"  if (ck == {a} && cv == {b} && st == {c} && ng == {d} && ho == {e}) run<{a}, {b}, {c}, {d}, {bool(e)}>(row, it, tiles);".replace("True", "true").replace("False", "false")
+                      for a, b, c, d, e in TILE_SOURCE_CASES)
     src = tmp_path / "tile.cpp"
     src.write_text(r"""#include <cstdio>
 typedef unsigned char u8; typedef unsigned short u16; typedef unsigned int u32;
 typedef unsigned long long u64; typedef long long i64;
 #define TQ_D inline
+#define TQ_HD inline
 struct SplitArgs { const u8* kcodes; const u16* knorms; const u8* vcodes; const u16* vnorms; };
 static u8 arrays[4][1 << 22];  // key codes, value codes, key norms, value norms
 static u8 pipe[1 << 16];
@@ -489,17 +565,17 @@ inline void cp16(u32 dst, const void* s) {
 }
 inline void cp_commit() { printf("commit %u\n", cur_lane); }
 """ + m.group(0) + r"""
-template <int CK, int CV, int ST, int NG> void run(long row, int it, int tiles) {
+template <int CK, int CV, int ST, int NG, bool HO> void run(long row, int it, int tiles) {
   SplitArgs a{arrays[0], (const u16*)arrays[2], arrays[1], (const u16*)arrays[3]};
   for (u32 lane = 0; lane < 32; ++lane) {
     cur_lane = lane;
-    TileSource<CK, CV, ST, NG> s(a, row, lane, pipe + 64);
+    TileSource<CK, CV, ST, NG, HO> s(a, row, lane, pipe + (HO ? 128 : 64));
     s.request(it, tiles);
   }
 }
 int main() {
-  int ck, cv, st, ng, it, tiles; long row;
-  while (scanf("%d %d %d %d %ld %d %d", &ck, &cv, &st, &ng, &row, &it, &tiles) == 7) {
+  int ck, cv, st, ng, ho, it, tiles; long row;
+  while (scanf("%d %d %d %d %d %ld %d %d", &ck, &cv, &st, &ng, &ho, &row, &it, &tiles) == 8) {
 """ + cases + r"""
     printf("end\n");
   }
@@ -507,13 +583,13 @@ int main() {
 """)
     exe = tmp_path / "tile"
     subprocess.run([cxx, "-std=c++17", "-O1", str(src), "-o", str(exe)], check=True)
-    jobs = [(ck, cv, st, ng, row, it, tiles) for ck, cv, st, ng in TILE_SOURCE_CASES
+    jobs = [(ck, cv, st, ng, ho, row, it, tiles) for ck, cv, st, ng, ho in TILE_SOURCE_CASES
             for row, it, tiles in ((0, 0, 1), (64 * 3 + 16, 5, 9), (4096 + 48, 2, 2), (128, 3, 3))]
     res = subprocess.run([str(exe)], input="".join(" ".join(map(str, j)) + "\n" for j in jobs),
                          capture_output=True, text=True, check=True)
     blocks = res.stdout.split("end\n")[:-1]
     assert len(blocks) == len(jobs)
-    for (ck, cv, st, ng, row, it, tiles), out in zip(jobs, blocks):
+    for (ck, cv, st, ng, ho, row, it, tiles), out in zip(jobs, blocks):
         lines = out.split("\n")[:-1]
         commits = [ln for ln in lines if ln.startswith("commit")]
         assert len(commits) == 32  # one commit group per lane, with or without a tile
@@ -521,7 +597,11 @@ int main() {
         want = []
         if it < tiles:
             r = row + it * ng * 16
-            stage = 64 + (it % st) * (16 * ck + 16 * cv + 64)
+            tile = 16 * ck + 16 * cv + 64
+            if ho:  # stages 2 x (tile rounded up to 128) apart, from the first hole (byte 128)
+                stage, where = 128 + (it % st) * 2 * (-(-tile // 128) * 128), _hole_off
+            else:
+                stage, where = 64 + (it % st) * tile, (lambda o: o)
             for i in range(ck + cv + 4):
                 if i < ck:
                     piece = (0, r * ck + 16 * i)
@@ -531,5 +611,8 @@ int main() {
                     piece = (2, 2 * r + 16 * (i - ck - cv))
                 else:
                     piece = (3, 2 * r + 16 * (i - ck - cv - 2))
-                want.append((stage + 16 * i,) + piece)
+                want.append((stage + where(16 * i),) + piece)
+            if ho:  # never in the lower half of an entry (the key table's copies)
+                bad = [d for d, *_ in got if d % 256 < 128 or d % 256 + 16 > 256]
+                assert not bad, (ck, cv, st, ho, it, bad[:8])
         assert got == sorted(want), (ck, cv, st, ng, row, it, tiles)

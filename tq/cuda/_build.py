@@ -41,14 +41,21 @@ class Module:
         import cupy as cp
 
         self.p, self.kb, self.vb, self.nrep = p, kb, vb, nrep
+        self.mmt_prmt = False
         dsplit = 2 if p >= 256 else 1
         if kind == "store":
             self.names = {"store": f"tq_store<{p},{kb},{vb},{wt}>"}
         elif kind == "decode_v1":  # first version: byte-permute look-ups (kept for the notes)
             self.names = {"mma_v1": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},0,{wt},{ot}>" if nrep <= 16 else None}
         else:
-            from .layout import mmt_config
-            self.mmt_stages, self.mmt_blocks = mmt_config(p, kb, vb, nrep)
+            from .layout import mmt_config, mmt_prmt
+            prmt = define_value(defines, "TQ_PRMT_LUT") and define_value(defines, "TQ_TILE_SOURCE")
+            self.mmt_prmt = mmt_prmt(p, kb, vb, nrep, prmt)  # the byte-permute table layout (layout.py)
+            self.mmt_stages, self.mmt_blocks = mmt_config(p, kb, vb, nrep, self.mmt_prmt)
+            # per-variant override for benchmarks ("-DTQ_MMT_STAGES=3 -DTQ_MMT_BLOCKS=3"; the
+            # kernels ignore these macros, they only pick the template arguments)
+            self.mmt_stages = define_value(defines, "TQ_MMT_STAGES", self.mmt_stages)
+            self.mmt_blocks = define_value(defines, "TQ_MMT_BLOCKS", self.mmt_blocks)
             self.names = {
                 "mmt": (f"tq_split_mmt<{p},{kb},{vb},{nrep},{dsplit},{qt},{wt},{ot},{self.mmt_stages},"
                         f"{self.mmt_blocks}>" if nrep <= 16 else None),
@@ -125,6 +132,18 @@ class RawLauncher:
 
 
 _DEFINES: tuple[str, ...] | None = None  # the compile-time variant; None: not read yet
+
+
+def define_value(defines, name: str, default: int = 0) -> int:
+    """The integer value of macro ``name`` in compiler options ("-DNAME=V"; "-DNAME" is 1),
+    ``default`` where it is not defined (the kernels' own defaults are 0)."""
+    value = default
+    for d in defines:
+        if d.startswith("-D"):
+            key, sep, v = d[2:].partition("=")
+            if key == name:
+                value = int(v, 0) if sep else 1
+    return value
 
 
 def decode_defines() -> tuple[str, ...]:

@@ -95,7 +95,7 @@ class PackedKVLayer:
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
         self._plans: dict = {}       # (nc_max, blocks per SM, impl, n_rep) -> (splits, chunk)
-        self._smem_plans: dict = {}  # (impl, n_rep, splits) -> (shared memory, window blocks)
+        self._smem_plans: dict = {}  # (module id, impl, n_rep, splits) -> (shared memory, window blocks)
         self._launchers: dict = {}
         self._sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
@@ -264,14 +264,14 @@ class PackedKVLayer:
         """Dynamic shared memory of the split kernel's main loop."""
         P, kb, vb = self.p, self.key_bits, self.value_bits
         if which == "mmt":
-            return mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages)
+            return mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages, mod.mmt_prmt)
         if which in ("mma", "mma_v1"):
             return mma_smem_bytes(P, kb, vb, nrep, lut=(which == "mma"))
         return fma_smem_bytes(P, kb, vb, nrep)
 
     def _smem_plan(self, which: str, nrep: int, splits: int, mod) -> tuple[int, int]:
         """(dynamic shared memory, window blocks per pair) of a split launch, computed once per shape."""
-        key = (which, nrep, splits)
+        key = (id(mod), which, nrep, splits)  # compile-time variants differ in shared memory
         plan = self._smem_plans.get(key)
         if plan is None:
             plan = split_smem_plan(self._base_smem(which, nrep, mod), self.p, nrep, self.head_dim, self.window,

@@ -15,7 +15,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "window_smem_bytes", "window_plan", "WINDOW_BLOCK_TOKENS", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "window_plan", "WINDOW_BLOCK_TOKENS", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "mmt_prmt", "mmt_holes_fit", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -205,27 +205,62 @@ def smem_share(blocks_per_sm: int) -> int:
 SPLIT_SMEM_SHARE = smem_share(3)
 
 
-def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int) -> int:
+def mmt_prmt(p: int, kb: int, vb: int, nrep: int, prmt: bool) -> bool:
+    """Whether tq_split_mmt uses the byte-permute table layout for a configuration
+    (compiled with ``-DTQ_PRMT_LUT=1 -DTQ_TILE_SOURCE=1``): 4-bit keys, 2- or 4-bit
+    values, head dims up to 128, up to 8 heads per kv head (decode.cu, ``PR``; there
+    3 blocks per SM fit)."""
+    return bool(prmt) and kb == 4 and vb in (2, 4) and p <= 128 and nrep <= 8
+
+
+def _mmt_tile_runs(p: int, kb: int, vb: int) -> int:
+    """128-byte runs of one pipeline stage in the table holes (decode.cu TileSource, HOLES)."""
+    tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
+    return -(-tile // 128)
+
+
+def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, prmt: bool = False) -> int:
     """Dynamic shared memory of tq_split_mmt with a pipeline of ``stages`` tiles per
-    warp (Q^T fragments: uint2 [P/16][ceil(nrep / 8)][32])."""
-    return _tensor_core_smem_bytes(p, kb, vb, nrep, stages, True, (p // 16) * -(-nrep // 8) * 32 * 8)
+    warp (Q^T fragments: uint2 [P/16][ceil(nrep / 8)][32]).
+
+    ``prmt`` (``mmt_prmt``): the key table takes 256 entries 256 bytes apart (64 KiB),
+    the value table and the pipeline live in the unused upper 128 bytes of its entries,
+    and the query fragments, rotated queries and softmax state follow it."""
+    qf = (p // 16) * -(-nrep // 8) * 32 * 8
+    if not mmt_prmt(p, kb, vb, nrep, prmt):
+        return _tensor_core_smem_bytes(p, kb, vb, nrep, stages, True, qf)
+    ng = 4 // (2 if p >= 256 else 1)
+    sums = ng * nrep * p
+    head = max(256 * 256 + qf, 4 * (sums + sums // 32))
+    return head + nrep * p * 4 + 2 * ng * 16 * 4
 
 
-def mmt_config(p: int, kb: int, vb: int, nrep: int) -> tuple[int, int]:
+def mmt_holes_fit(p: int, kb: int, vb: int, stages: int) -> bool:
+    """The byte-permute layout's value table and 4 warps x ``stages`` tiles fit the
+    key table's 256 holes of 128 bytes."""
+    vtable = (1 << (2 * vb)) if vb != kb else 0
+    return vtable + 4 * stages * _mmt_tile_runs(p, kb, vb) <= 256
+
+
+def mmt_config(p: int, kb: int, vb: int, nrep: int, prmt: bool = False) -> tuple[int, int]:
     """(pipeline stages, resident blocks per SM) of tq_split_mmt for a configuration.
 
     Up to 8 heads per kv head the kernel fits 128 registers, so 4 blocks (16 warps)
     per SM are resident when shared memory allows: the deepest pipeline (4, 3, then
     2 tiles per warp) that fits a quarter of the SM.  Otherwise 3 blocks with the
-    deepest pipeline that fits a third.  ``TQ_MMT_CONFIG="stages,blocks"`` overrides
-    (benchmarks)."""
+    deepest pipeline that fits a third.  With the byte-permute layout (``prmt``, a 64 KiB
+    table) at most 3 blocks fit, and the pipeline must fit the table's holes.
+    ``TQ_MMT_CONFIG="stages,blocks"`` overrides (benchmarks)."""
     env = os.environ.get("TQ_MMT_CONFIG")
     if env:
         st, mb = (int(x) for x in env.split(","))
         return st, mb
+    pr = mmt_prmt(p, kb, vb, nrep, prmt)
     for minb in ((4, 3) if nrep <= 8 else (3,)):
         for st in (4, 3, 2):
-            if mmt_smem_bytes(p, kb, vb, nrep, st) <= smem_share(minb):
+            if pr and not mmt_holes_fit(p, kb, vb, st):
+                continue
+            if mmt_smem_bytes(p, kb, vb, nrep, st, pr) <= smem_share(minb):
                 return st, minb
     return 2, 2
 

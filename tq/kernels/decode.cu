@@ -464,9 +464,19 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 // a tile t rows further is one wide multiply-add per array and its pieces are immediate
 // offsets.  (A flat piece index per lane, tested against the three array bounds at every
 // tile, cost ~55 SASS instructions per tile of tq_split_mmt's main loop.)
-template <int CK, int CV, int STAGES, int NG>
+//
+// HOLES: the stages live in the unused upper halves of a look-up table whose entries are
+// 256 bytes apart (TQ_PRMT_LUT): stage byte o is at hole_off<true>(o) past the stage's
+// base, i.e. 128-byte runs 256 bytes apart.  A stage then takes 2 STRIDE bytes of address
+// space, STRIDE = the tile rounded up to 128.  16-byte pieces never straddle a run.
+template <bool HOLES>
+TQ_HD constexpr u32 hole_off(u32 o) { return HOLES ? o + (o & ~127u) : o; }
+template <int CK, int CV, int STAGES, int NG, bool HOLES = false>
 struct TileSource {
   static constexpr u32 TILE_BYTES = 16 * CK + 16 * CV + 64;
+  static constexpr u32 STRIDE = HOLES ? (TILE_BYTES + 127) / 128 * 128 : TILE_BYTES;  // stage pitch
+  static constexpr u32 H = HOLES ? 2 : 1;  // address bytes per stage byte (at 128-byte granularity)
+  static_assert(!HOLES || ((16 * CK) % 128 == 0 && (16 * CV) % 128 == 0), "value codes and norms start on 128-byte runs");
   const u8* k;  // key codes: piece lane + 32 u of the tile
   const u8* v;  // value codes: piece lane + 32 u
   const u8* n;  // lanes 0, 1: the key norms' pieces, lanes 2, 3: the value norms'
@@ -475,23 +485,24 @@ struct TileSource {
   TQ_D TileSource(const SplitArgs& a, i64 row, u32 ln, const u8* pipe)
       : k(a.kcodes + row * CK + 16 * ln), v(a.vcodes + row * CV + 16 * ln),
         n(reinterpret_cast<const u8*>((ln < 2 ? a.knorms : a.vnorms) + row) + 16 * (ln & 1)),
-        lane(ln), spipe(smem_addr(pipe) + 16u * ln) {}
+        lane(ln), spipe(smem_addr(pipe) + hole_off<HOLES>(16u * ln)) {}
   // the warp's tile `it` (if below `tiles`) into its stage, then one commit group
   TQ_D void request(int it, int tiles) const {
-    if (it < tiles) issue(spipe + (u32)(it % STAGES) * TILE_BYTES, (u32)it * (NG * 16));
+    if (it < tiles) issue(spipe + (u32)(it % STAGES) * (H * STRIDE), (u32)it * (NG * 16));
     cp_commit();
   }
-  // the tile `rows` rows past the first one into the stage at dst (its base plus 16 lane)
+  // the tile `rows` rows past the first one into the stage at dst (its base plus this
+  // lane's piece offset)
   TQ_D void issue(u32 dst, u32 rows) const {
     const u8* pk = k + (u64)rows * CK;
     const u8* pv = v + (u64)rows * CV;
 #pragma unroll
     for (int u = 0; u < (CK + 31) / 32; ++u)
-      if (CK % 32 == 0 || lane + 32 * u < (u32)CK) cp16(dst + 512u * u, pk + 512 * u);
+      if (CK % 32 == 0 || lane + 32 * u < (u32)CK) cp16(dst + H * 512u * u, pk + 512 * u);
 #pragma unroll
     for (int u = 0; u < (CV + 31) / 32; ++u)
-      if (CV % 32 == 0 || lane + 32 * u < (u32)CV) cp16(dst + 16u * CK + 512u * u, pv + 512 * u);
-    if (lane < 4) cp16(dst + 16u * (CK + CV), n + (u64)rows * 2);
+      if (CV % 32 == 0 || lane + 32 * u < (u32)CV) cp16(dst + H * (16u * CK + 512u * u), pv + 512 * u);
+    if (lane < 4) cp16(dst + H * 16u * (CK + CV), n + (u64)rows * 2);
   }
 };
 
@@ -923,27 +934,33 @@ TQ_D void load_seg(const u8* p, u32* w) {
 }
 
 // Byte offset of this lane's copy of look-up entry `field` (W bits at stream
-// bit BIT of the words w): (field << 7) | lane * 4.  Tables hold 32 copies of
-// each entry (one per bank), so a warp's look-ups never conflict.
-template <int W, int BIT>
+// bit BIT of the words w): (field << S) | lane * 4.  Tables hold 32 copies of
+// each entry (one per bank), so a warp's look-ups never conflict.  S = 7 packs the
+// entries (128 bytes each); S = 8 (TQ_PRMT_LUT) spaces them 256 bytes apart, so that
+// a byte-aligned 8-bit field becomes an offset in one byte permute (PRMT: the field's
+// byte above lane * 4) instead of a shift and a mask.
+#ifndef TQ_PRMT_LUT
+#define TQ_PRMT_LUT 0
+#endif
+template <int W, int SH, int S>
+TQ_D u32 lut_off_reg(u32 x, u32 lane4);
+template <int W, int BIT, int S = 7>
 TQ_D u32 lut_off(const u32* w, u32 lane4) {
   constexpr int wi = BIT >> 5, sh = BIT & 31;
-  constexpr u32 M = ((1u << W) - 1u) << 7;
-  u32 x;
   if constexpr (sh + W <= 32) {
-    if constexpr (sh >= 7) x = w[wi] >> (sh - 7);
-    else x = w[wi] << (7 - sh);
+    return lut_off_reg<W, sh, S>(w[wi], lane4);
   } else {
-    x = tq_funnel(w[wi], w[wi + 1], sh - 7);
+    constexpr u32 M = ((1u << W) - 1u) << S;
+    return (tq_funnel(w[wi], w[wi + 1], sh - S) & M) | lane4;
   }
-  return (x & M) | lane4;
 }
 // same for a field already isolated in a register at bit SH
-template <int W, int SH>
+template <int W, int SH, int S = 7>
 TQ_D u32 lut_off_reg(u32 x, u32 lane4) {
-  constexpr u32 M = ((1u << W) - 1u) << 7;
-  if constexpr (SH >= 7) return ((x >> (SH - 7)) & M) | lane4;
-  else return ((x << (7 - SH)) & M) | lane4;
+  constexpr u32 M = ((1u << W) - 1u) << S;
+  if constexpr (S == 8 && W == 8 && SH % 8 == 0) return tq_prmt(x, lane4, 0x5504u | ((SH / 8) << 4));
+  else if constexpr (SH >= S) return ((x >> (SH - S)) & M) | lane4;
+  else return ((x << (S - SH)) & M) | lane4;
 }
 // compile-time loop: f(IC<I>{}) for I in [I0, N)
 template <int V> struct IC { static constexpr int value = V; };
@@ -966,14 +983,14 @@ TQ_D u32 lane_id() {
 TQ_D u32 lut_ld(u32 off) { return *reinterpret_cast<const u32*>(tq_smem + off); }
 
 // Pair table: entry e = half2 {c[e & (2^B - 1)], c[e >> B]} (two codes per
-// look-up), 32 copies per entry.  Block-wide.
-template <int B>
+// look-up), 32 copies per entry, entries 2^S bytes apart (lut_off).  Block-wide.
+template <int B, int S = 7>
 TQ_D void fill_lut(u32* lut, const float* cents) {
   constexpr int NE = 1 << (2 * B);
   for (int i = threadIdx.x; i < NE * 8; i += blockDim.x) {
     const int e = i >> 3;
     const u32 v = pack_h2(cents[e & ((1 << B) - 1)], cents[e >> B]);
-    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+    reinterpret_cast<uint4*>(lut)[i + (S == 8 ? e << 3 : 0)] = make_uint4(v, v, v, v);
   }
 }
 // This thread's centroid for the pair tables: keys in threads [0, 2^KB), values in
@@ -991,15 +1008,15 @@ TQ_D float load_centroid(const float* __restrict__ kcents, const float* __restri
 // centroids of load_centroid (staged in shared memory: reading them from global
 // memory inside the fill loop put a round trip in every iteration, 16 for 4 bits;
 // ncu: the largest long-scoreboard stall of a batch-1 launch).  Block-wide.
-template <int KB, int VB>
+template <int KB, int VB, int S = 7>
 TQ_D void build_luts(u8* smem, int voff, float cent) {
   __shared__ float cs[2][16];
   const int tid = threadIdx.x;
   if (tid < (1 << KB)) cs[0][tid] = cent;
   if (VB != KB && tid >= 32 && tid < 32 + (1 << VB)) cs[1][tid - 32] = cent;
   __syncthreads();
-  fill_lut<KB>(reinterpret_cast<u32*>(smem), cs[0]);
-  if constexpr (VB != KB) fill_lut<VB>(reinterpret_cast<u32*>(smem + voff), cs[1]);
+  fill_lut<KB, S>(reinterpret_cast<u32*>(smem), cs[0]);
+  if constexpr (VB != KB) fill_lut<VB, S>(reinterpret_cast<u32*>(smem + voff), cs[1]);
 }
 template <int B> struct LutSize { static constexpr int bytes = (1 << (2 * B)) * 128; };
 
@@ -1394,15 +1411,29 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   constexpr int NH = (NREP + 7) / 8;        // n-tiles (8 heads)
   constexpr int NG = 4 / DSPLIT;            // token groups in the block
   constexpr bool QREG = P <= 128;           // query fragments in registers
-  constexpr int KLUT = LutSize<KB>::bytes;
-  constexpr int VLUT_OFF = VB != KB ? KLUT : 0;
-  constexpr int LUT_BYTES = KLUT + (VB != KB ? LutSize<VB>::bytes : 0);
+  // PR (TQ_PRMT_LUT, 4-bit keys, 2- or 4-bit values, P <= 128, up to 8 heads; layout.py
+  // mmt_prmt; 3 blocks per SM fit): the
+  // key table's entries are 256 bytes apart (lut_off, S = 8), so every key look-up and
+  // 4-bit value look-up is one PRMT.  The value table (2 bits) and the cp.async stages
+  // fill the table's upper halves (TileSource, HOLES); the query fragments follow the
+  // 64 KB table.
+  constexpr bool PR = TQ_PRMT_LUT && TQ_TILE_SOURCE && KB == 4 && (VB == 4 || VB == 2) && P <= 128 && NREP <= 8;
+  constexpr int LS = PR ? 8 : 7;            // log2 of a table entry's pitch
+  constexpr int HS = PR ? 2 : 1;            // address bytes per stage byte
+  constexpr int STRIDE = PR ? (TILE_BYTES + 127) / 128 * 128 : TILE_BYTES;
+  constexpr int NVH = PR && VB != KB ? 1 << (2 * VB) : 0;  // value-table entries in the holes
+  static_assert(!PR || NVH + 4 * STAGES * STRIDE / 128 <= 256, "value table and stages fit the key table's holes");
+  static_assert(!PR || 128 % (2 * CV) == 0, "a lane's token pairs 2t, 2t + 1 share a 128-byte run");
+  constexpr int KLUT = PR ? 256 * 256 : LutSize<KB>::bytes;
+  constexpr int VLUT_OFF = VB != KB ? (PR ? 128 : KLUT) : 0;
+  constexpr int LUT_BYTES = PR ? KLUT : KLUT + (VB != KB ? LutSize<VB>::bytes : 0);
+  constexpr int PIPE_END = PR ? KLUT : LUT_BYTES + 4 * STAGES * TILE_BYTES;
   static_assert(NREP <= 16, "mmt path takes up to 16 query heads per kv head");
   static_assert(STAGES >= 2, "at least one tile in flight while one is computed");
-  u8* pipe = tq_smem + LUT_BYTES;                                           // 4 warps * STAGES * TILE_BYTES
-  uint2* qf = reinterpret_cast<uint2*>(pipe + 4 * STAGES * TILE_BYTES);    // [P/16][NH][32]
+  u8* pipe = PR ? tq_smem + 256 * NVH + 128 : tq_smem + LUT_BYTES;          // 4 warps * STAGES stages
+  uint2* qf = reinterpret_cast<uint2*>(tq_smem + PIPE_END);                 // [P/16][NH][32]
   // the token groups' sums [NG][NREP][P] reuse the region above at the end (layout.py)
-  constexpr int HEAD = cmax(LUT_BYTES + 4 * STAGES * TILE_BYTES + (P / 16) * NH * 32 * 8, SliceBytes<NREP, P, NG>::value);
+  constexpr int HEAD = cmax(PIPE_END + (P / 16) * NH * 32 * 8, SliceBytes<NREP, P, NG>::value);
   float* qs = reinterpret_cast<float*>(tq_smem + HEAD);                     // [NREP][P] rotated queries
   float* sm_m = qs + NREP * P;                                              // [NG][16]
   float* sm_l = sm_m + NG * 16;                                             // [NG][16]
@@ -1422,18 +1453,19 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   const u32 lane4 = lane_id() * 4u;  // %laneid: not rematerialized from threadIdx (see lane_id)
 
   const i64 bh = (i64)b * a.H + h;
-  u8* mypipe = pipe + warp * STAGES * TILE_BYTES;
+  u8* mypipe = pipe + warp * STAGES * (HS * STRIDE);
   // The first tiles are requested before the sequence length arrives: this warp's tiles
   // of the chunk inside the allocation, trimmed to the live tokens below (one L2
   // round trip less before the main loop; tiles past them are never read).
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 #if TQ_TILE_SOURCE
-  const TileSource<CK, CV, STAGES, NG> src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
+  const TileSource<CK, CV, STAGES, NG, PR> src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
   auto issue = [&](int it) { src.request(it, mytiles); };
 #else
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
   // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
+  static_assert(!PR, "the table-hole pipeline takes TileSource");
   constexpr int NCHUNK = CK + CV + 4;  // 16-byte pieces per tile: key codes, value codes, norms
   const i64 row0 = bh * a.cap + start + 16 * tg;
   const u8* gk = a.kcodes + row0 * CK;
@@ -1475,7 +1507,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
   }
 
-  build_luts<KB, VB>(tq_smem, VLUT_OFF, cent);
+  build_luts<KB, VB, LS>(tq_smem, VLUT_OFF, cent);
   trace(1);
   rotate_queries<P, NREP, DT>(far, qs, b, h);
   // B fragments of Q^T: k = dims t P/4 + 4c + {0,1 | 2,3}, n = head 8 nh + g
@@ -1506,14 +1538,17 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 #pragma unroll
   for (int nh = 0; nh < NH; ++nh) { mrun[nh][0] = mrun[nh][1] = TQ_NEG_INF; lrun[nh][0] = lrun[nh][1] = 0.f; }
 
+  // this lane's key rows g, g + 8 and value rows 2t (+ 1, 8, 9) in a stage (hole_off)
+  const u32 koff = hole_off<PR>(g * CK + t * SK);
+  const u32 voff = hole_off<PR>((2 * t) * CV + g * (SV * DSPLIT) + dh * SV);
   for (int it = 0; it < mytiles; ++it) {
     cp_wait<STAGES - 2>();
     __syncwarp();  // the tile's pieces from every lane have landed; the refilled stage is consumed
     issue(it + STAGES - 1);
-    const u8* st = mypipe + (it % STAGES) * TILE_BYTES;
-    const u8* sk = st;
-    const u8* sv = st + 16 * CK;
-    const u16* snk = reinterpret_cast<const u16*>(st + 16 * CK + 16 * CV);
+    const u8* st = mypipe + (it % STAGES) * (HS * STRIDE);
+    const u8* sk = st + koff;
+    const u8* sv = st + HS * 16 * CK + voff;
+    const u16* snk = reinterpret_cast<const u16*>(st + HS * (16 * CK + 16 * CV));
     const u16* snv = snk + 16;
     const int nvld = min(16, end - (start + 16 * (tg + it * NG)));
 
@@ -1523,15 +1558,15 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     for (int nh = 0; nh < NH; ++nh) sc[nh][0] = sc[nh][1] = sc[nh][2] = sc[nh][3] = 0.f;
     {
       u32 wk[2][SK / 4 + 2];
-      load_seg<SK>(sk + g * CK + t * SK, wk[0]);
-      load_seg<SK>(sk + (g + 8) * CK + t * SK, wk[1]);
+      load_seg<SK>(sk, wk[0]);
+      load_seg<SK>(sk + HS * 8 * CK, wk[1]);
       auto kchunk = [&](auto ic) {  // dims t P/4 + 4c .. + 3: code pairs 2c, 2c + 1 of the lane
         constexpr int c = decltype(ic)::value;
         uint4 ka;
-        ka.x = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB>(wk[0], lane4));
-        ka.y = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB>(wk[1], lane4));
-        ka.z = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB>(wk[0], lane4));
-        ka.w = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB>(wk[1], lane4));
+        ka.x = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB, LS>(wk[0], lane4));
+        ka.y = lut_ld(lut_off<2 * KB, (2 * c) * 2 * KB, LS>(wk[1], lane4));
+        ka.z = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB, LS>(wk[0], lane4));
+        ka.w = lut_ld(lut_off<2 * KB, (2 * c + 1) * 2 * KB, LS>(wk[1], lane4));
 #pragma unroll
         for (int nh = 0; nh < NH; ++nh) {
           uint2 qb;
@@ -1597,10 +1632,10 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     // ---- O^T += V^T P^T: tokens 2t, 2t + 1, 2t + 8, 2t + 9; this lane's NC codes of each
     {
       u32 wv[4][(SV + 3) / 4 + 2];
-      load_seg<SV>(sv + (2 * t) * CV + g * (SV * DSPLIT) + dh * SV, wv[0]);
-      load_seg<SV>(sv + (2 * t + 1) * CV + g * (SV * DSPLIT) + dh * SV, wv[1]);
-      load_seg<SV>(sv + (2 * t + 8) * CV + g * (SV * DSPLIT) + dh * SV, wv[2]);
-      load_seg<SV>(sv + (2 * t + 9) * CV + g * (SV * DSPLIT) + dh * SV, wv[3]);
+      load_seg<SV>(sv, wv[0]);
+      load_seg<SV>(sv + CV, wv[1]);  // same 128-byte run as token 2t (PR)
+      load_seg<SV>(sv + HS * 8 * CV, wv[2]);
+      load_seg<SV>(sv + HS * 8 * CV + CV, wv[3]);
       if constexpr (VB == 3) {
         // pair table of two dims of one token; prmt regroups them per dim
         auto vpair = [&](auto ic) {
@@ -1630,10 +1665,10 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
             constexpr int i = decltype(ii)::value;
             constexpr int m = wi * PER + i;
             if constexpr (m < NM) {
-              const uint4 va = make_uint4(lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(x01, lane4)),
-                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(y01, lane4)),
-                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(x23, lane4)),
-                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i>(y23, lane4)));
+              const uint4 va = make_uint4(lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i, LS>(x01, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i, LS>(y01, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i, LS>(x23, lane4)),
+                                          lut_ld(VLUT_OFF + lut_off_reg<FW, FW * i, LS>(y23, lane4)));
 #pragma unroll
               for (int nh = 0; nh < NH; ++nh) mma16816(acc[nh][m], va, pb0[nh], pb1[nh]);
             }
