@@ -129,22 +129,31 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
     return splits, chunk
 
 
+def _tile_bytes(p: int, kb: int, vb: int) -> int:
+    """One 16-token pipeline tile: key codes, value codes, key and value norms."""
+    return 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
+
+
 def _tensor_core_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, lut: bool,
                             query_fragment_bytes: int) -> int:
     """Shared memory of a tensor-core split kernel: pair look-up tables (32 copies of
     2^(2b) half2 entries per distinct bit width), the per-warp cp.async pipeline,
     the query fragments (or, at the end, the token groups' value sums, whichever
     is larger), the rotated queries, the softmax state."""
-    dsplit = 2 if p >= 256 else 1
-    tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
-    ng = 4 // dsplit
     luts = 0
     if lut:
         luts = (1 << (2 * kb)) * 128 + ((1 << (2 * vb)) * 128 if vb != kb else 0)
-    # the token groups' value sums [ng][nrep][p] (fp32, one float of padding per 32: slice_at in
-    # decode.cu) reuse the tables, pipeline and fragments at the end
+    return _split_smem_bytes(p, nrep, luts + 4 * stages * _tile_bytes(p, kb, vb), query_fragment_bytes)
+
+
+def _split_smem_bytes(p: int, nrep: int, pipe_end: int, query_fragment_bytes: int) -> int:
+    """Tables and pipeline up to ``pipe_end`` (decode.cu PIPE_END), then the query
+    fragments; the token groups' value sums [ng][nrep][p] (fp32, one float of padding
+    per 32: slice_at in decode.cu) reuse that region at the end; then the rotated
+    queries and the softmax state."""
+    ng = 4 // (2 if p >= 256 else 1)
     sums = ng * nrep * p
-    head = max(luts + 4 * stages * tile + query_fragment_bytes, 4 * (sums + sums // 32))
+    head = max(pipe_end + query_fragment_bytes, 4 * (sums + sums // 32))
     return head + nrep * p * 4 + 2 * ng * 16 * 4
 
 
@@ -215,8 +224,7 @@ def mmt_prmt(p: int, kb: int, vb: int, nrep: int, prmt: bool) -> bool:
 
 def _mmt_tile_runs(p: int, kb: int, vb: int) -> int:
     """128-byte runs of one pipeline stage in the table holes (decode.cu TileSource, HOLES)."""
-    tile = 16 * (p * kb // 8) + 16 * (p * vb // 8) + 64
-    return -(-tile // 128)
+    return -(-_tile_bytes(p, kb, vb) // 128)
 
 
 def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, prmt: bool = False) -> int:
@@ -229,10 +237,7 @@ def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, prmt: bool 
     qf = (p // 16) * -(-nrep // 8) * 32 * 8
     if not mmt_prmt(p, kb, vb, nrep, prmt):
         return _tensor_core_smem_bytes(p, kb, vb, nrep, stages, True, qf)
-    ng = 4 // (2 if p >= 256 else 1)
-    sums = ng * nrep * p
-    head = max(256 * 256 + qf, 4 * (sums + sums // 32))
-    return head + nrep * p * 4 + 2 * ng * 16 * 4
+    return _split_smem_bytes(p, nrep, 256 * 256, qf)
 
 
 def mmt_holes_fit(p: int, kb: int, vb: int, stages: int) -> bool:

@@ -1419,8 +1419,9 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   // 64 KB table.
   constexpr bool PR = TQ_PRMT_LUT && TQ_TILE_SOURCE && KB == 4 && (VB == 4 || VB == 2) && P <= 128 && NREP <= 8;
   constexpr int LS = PR ? 8 : 7;            // log2 of a table entry's pitch
-  constexpr int HS = PR ? 2 : 1;            // address bytes per stage byte
-  constexpr int STRIDE = PR ? (TILE_BYTES + 127) / 128 * 128 : TILE_BYTES;
+  using Stages = TileSource<CK, CV, STAGES, NG, PR>;  // the stages' layout (HOLES = PR)
+  constexpr int HS = Stages::H;             // address bytes per stage byte
+  constexpr int STRIDE = Stages::STRIDE;    // stage pitch
   constexpr int NVH = PR && VB != KB ? 1 << (2 * VB) : 0;  // value-table entries in the holes
   static_assert(!PR || NVH + 4 * STAGES * STRIDE / 128 <= 256, "value table and stages fit the key table's holes");
   static_assert(!PR || 128 % (2 * CV) == 0, "a lane's token pairs 2t, 2t + 1 share a 128-byte run");
@@ -1460,7 +1461,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
 #if TQ_TILE_SOURCE
-  const TileSource<CK, CV, STAGES, NG, PR> src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
+  const Stages src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
   auto issue = [&](int it) { src.request(it, mytiles); };
 #else
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
