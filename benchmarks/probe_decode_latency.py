@@ -8,6 +8,8 @@ past the planner.  Each figure is the median of triton's do_bench (L2 flushed).
 
     python benchmarks/probe_decode_latency.py --out benchmarks/results
     python benchmarks/probe_decode_latency.py --trace   # phase timeline of single launches
+    python benchmarks/probe_decode_latency.py --contexts 131072 --windows 128 \
+        --forced-at 131072 --splits 32,45,62,90 --presets K4/V4,K3/V2   # a split sweep
 
 --trace builds the kernels with -DTQ_TRACE (thread 0 of each block stores the
 global timer at phase boundaries, tq/kernels/decode.cu) and prints, per case, the
@@ -124,7 +126,11 @@ def main():
     ap.add_argument("--windows", default="128,0")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
     ap.add_argument("--presets", default="K4/V4", help='key/value bits, e.g. "K4/V4,K3/V2"')
+    ap.add_argument("--forced-at", default="4096,32768", help="contexts of the forced-split sweeps")
+    ap.add_argument("--splits", default="4,8,16,24,32,48,64", help="splits of the forced-split sweeps")
     args = ap.parse_args()
+    forced_at = {int(c) for c in args.forced_at.split(",") if c}
+    forced_splits = [int(c) for c in args.splits.split(",") if c]
     if args.trace:
         os.environ["TQ_DECODE_DEFINES"] = (os.environ.get("TQ_DECODE_DEFINES", "") + " -DTQ_TRACE=1").strip()
         res = run_trace(args)
@@ -153,8 +159,8 @@ def main():
                 rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx,
                                  splits=plan[0], chunk=plan[1], ms=t))
                 log(f"{impl} {preset} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
-                if ctx in (4096, 32768) and window == 128 and not args.no_forced:
-                    for sp in (4, 8, 16, 24, 32, 48, 64):
+                if ctx in forced_at and window == 128 and not args.no_forced:
+                    for sp in forced_splits:
                         force_splits(layer, sp)
                         splits, chunk = next(iter(layer._plans.values()))
                         t = bench(lambda: layer.decode_attention(q, impl=impl))

@@ -405,20 +405,24 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
     assert mmt_config(128, 4, 4, 4) == (2, 4)     # the 32 KiB K4 pair table leaves room for 2 stages
     assert mmt_config(128, 3, 2, 4) == (4, 4)
     # byte-permute layout: a 64 KiB key table (3 blocks at most), the pipeline in its holes
-    for p in (64, 128, 256):
-        for kb in (2, 3, 4):
-            for vb in (2, 3, 4):
-                for nrep in (1, 4, 8, 16):
-                    pr = mmt_prmt(p, kb, vb, nrep, True)
-                    assert pr == (kb == 4 and vb in (2, 4) and p <= 128 and nrep <= 8)
-                    st, mb = mmt_config(p, kb, vb, nrep, True)
-                    assert mmt_smem_bytes(p, kb, vb, nrep, st, pr) <= smem_share(mb)
-                    if pr:
-                        assert mb == 3 and mmt_holes_fit(p, kb, vb, st) and mmt_smem_bytes(p, kb, vb, nrep, st, True) > 65536
-                    else:
-                        assert (st, mb) == mmt_config(p, kb, vb, nrep)
-    assert mmt_config(128, 4, 4, 4, True) == (3, 3)   # 4 stages of 17 runs per warp would need 272 holes
-    assert mmt_config(128, 4, 2, 4, True) == (4, 3)   # 16 value-table entries + 16 x 13 runs
+    for level, vbs in ((1, (4,)), (2, (2, 4))):   # TQ_PRMT_LUT=1: K4/V4; 2: also K4/V2
+        for p in (64, 128, 256):
+            for kb in (2, 3, 4):
+                for vb in (2, 3, 4):
+                    for nrep in (1, 4, 8, 16):
+                        pr = mmt_prmt(p, kb, vb, nrep, level)
+                        assert pr == (kb == 4 and vb in vbs and p <= 128 and nrep <= 8)
+                        st, mb = mmt_config(p, kb, vb, nrep, level)
+                        assert mmt_smem_bytes(p, kb, vb, nrep, st, level) <= smem_share(mb)
+                        if pr:
+                            assert mb == 3 and mmt_holes_fit(p, kb, vb, st)
+                            assert mmt_smem_bytes(p, kb, vb, nrep, st, level) > 65536
+                        else:
+                            assert (st, mb) == mmt_config(p, kb, vb, nrep)
+                            assert mmt_smem_bytes(p, kb, vb, nrep, st, level) == mmt_smem_bytes(p, kb, vb, nrep, st)
+    assert mmt_config(128, 4, 4, 4, 1) == (3, 3)   # 4 stages of 17 runs per warp would need 272 holes
+    assert mmt_config(128, 4, 2, 4, 2) == (4, 3)   # 16 value-table entries + 16 x 13 runs
+    assert mmt_config(128, 4, 2, 4, 1) == mmt_config(128, 4, 2, 4)
     assert not mmt_holes_fit(128, 4, 4, 4) and mmt_holes_fit(128, 4, 4, 3)
     monkeypatch.setenv("TQ_MMT_CONFIG", "3,3")
     assert mmt_config(128, 4, 4, 4) == (3, 3)
@@ -509,12 +513,32 @@ def test_module_cache_follows_compile_variants(monkeypatch):
         assert len(built) == 3
         assert _build.define_value(("-DTQ_TILE_SOURCE=1", "-DX=0x10", "-DY"), "X") == 16
         assert _build.define_value(("-DTQ_TILE_SOURCE=1", "-DY"), "Y") == 1
-        assert _build.define_value(("-DTQ_TILE_SOURCE=1",), "TQ_PRMT_LUT") == 0
+        assert _build.define_value(("-DTQ_TILE_SOURCE=1",), "Z") == 0
+        assert _build.define_value(("-DTQ_TILE_SOURCE=0",), "TQ_PRMT_LUT") == _build.DECODE_DEFAULTS["TQ_PRMT_LUT"]
+        assert _build.define_value(("-DTQ_PRMT_LUT=2",), "TQ_PRMT_LUT") == 2
+        # NVRTC gets every default switch explicitly, unless the variant sets it
+        assert _build.compile_defines(()) == tuple(f"-D{k}={v}" for k, v in _build.DECODE_DEFAULTS.items())
+        assert _build.compile_defines(("-DTQ_TILE_SOURCE=0", "-DX=2")) == (
+            "-DTQ_PRMT_LUT=1", "-DTQ_TILE_SOURCE=0", "-DX=2")
     finally:
         _build.set_decode_defines(None)
         _build._get_module.cache_clear()
         _build._get_store.cache_clear()
 
+
+
+def test_kernel_switch_fallbacks_match_python_defaults():
+    """decode.cu's #ifndef fallbacks (used by builds outside tq.cuda, e.g. kernel_report)
+    equal tq.cuda's DECODE_DEFAULTS, which NVRTC always receives explicitly."""
+    import re
+
+    from tq.cuda import _build
+
+    src = _build.kernel_source()
+    for name, value in _build.DECODE_DEFAULTS.items():
+        m = re.search(rf"#ifndef {name}\n#define {name} (\d+)\n#endif", src)
+        assert m, name
+        assert int(m.group(1)) == value, name
 
 # (CK, CV, stages, token groups) of TileSource instantiations: bytes per row of 2-, 3- and
 # 4-bit codes at P = 64, 128, 256, the mma/mmt pipeline depths, and DSPLIT = 2 (two groups)

@@ -41,7 +41,7 @@ class Module:
         import cupy as cp
 
         self.p, self.kb, self.vb, self.nrep = p, kb, vb, nrep
-        self.mmt_prmt = False
+        self.mmt_prmt, self.prmt_level = False, 0
         dsplit = 2 if p >= 256 else 1
         if kind == "store":
             self.names = {"store": f"tq_store<{p},{kb},{vb},{wt}>"}
@@ -49,9 +49,10 @@ class Module:
             self.names = {"mma_v1": f"tq_split_mma<{p},{kb},{vb},{nrep},{dsplit},{qt},0,{wt},{ot}>" if nrep <= 16 else None}
         else:
             from .layout import mmt_config, mmt_prmt
-            prmt = define_value(defines, "TQ_PRMT_LUT") and define_value(defines, "TQ_TILE_SOURCE")
-            self.mmt_prmt = mmt_prmt(p, kb, vb, nrep, prmt)  # the byte-permute table layout (layout.py)
-            self.mmt_stages, self.mmt_blocks = mmt_config(p, kb, vb, nrep, self.mmt_prmt)
+            # TQ_PRMT_LUT as decode.cu sees it (it needs TQ_TILE_SOURCE)
+            self.prmt_level = define_value(defines, "TQ_PRMT_LUT") if define_value(defines, "TQ_TILE_SOURCE") else 0
+            self.mmt_prmt = mmt_prmt(p, kb, vb, nrep, self.prmt_level)  # the byte-permute table layout
+            self.mmt_stages, self.mmt_blocks = mmt_config(p, kb, vb, nrep, self.prmt_level)
             # per-variant override for benchmarks ("-DTQ_MMT_STAGES=3 -DTQ_MMT_BLOCKS=3"; the
             # kernels ignore these macros, they only pick the template arguments)
             self.mmt_stages = define_value(defines, "TQ_MMT_STAGES", self.mmt_stages)
@@ -64,7 +65,7 @@ class Module:
             }
         exprs = [n for n in self.names.values() if n]
         self.defines = tuple(defines)
-        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",) + self.defines,
+        self.module = cp.RawModule(code=kernel_source(), options=("-std=c++17",) + compile_defines(self.defines),
                                    name_expressions=exprs)
         self.kernels = {k: (self.module.get_function(n) if n else None) for k, n in self.names.items()}
         self._smem_set: dict[str, int] = {}
@@ -134,16 +135,31 @@ class RawLauncher:
 _DEFINES: tuple[str, ...] | None = None  # the compile-time variant; None: not read yet
 
 
-def define_value(defines, name: str, default: int = 0) -> int:
+# Compile-time switches of tq/kernels/decode.cu and their defaults.  NVRTC always gets
+# them explicitly (compile_defines), so these values, not the .cu's #ifndef fallbacks,
+# decide what tq.cuda runs; tests/test_decode_kernel.py checks that the two agree.
+#   TQ_TILE_SOURCE: split warps request tiles through TileSource (decode.cu).
+#   TQ_PRMT_LUT: tq_split_mmt's byte-permute key table for K4/V4 (2: also K4/V2).
+DECODE_DEFAULTS = {"TQ_TILE_SOURCE": 1, "TQ_PRMT_LUT": 1}
+
+
+def define_value(defines, name: str, default: int | None = None) -> int:
     """The integer value of macro ``name`` in compiler options ("-DNAME=V"; "-DNAME" is 1),
-    ``default`` where it is not defined (the kernels' own defaults are 0)."""
-    value = default
+    else ``default``, else its ``DECODE_DEFAULTS`` value, else 0."""
+    value = DECODE_DEFAULTS.get(name, 0) if default is None else default
     for d in defines:
         if d.startswith("-D"):
             key, sep, v = d[2:].partition("=")
             if key == name:
                 value = int(v, 0) if sep else 1
     return value
+
+
+def compile_defines(defines) -> tuple[str, ...]:
+    """NVRTC options for a variant: every ``DECODE_DEFAULTS`` switch the variant does not
+    set, then the variant's own options."""
+    named = {d[2:].partition("=")[0] for d in defines if d.startswith("-D")}
+    return tuple(f"-D{k}={v}" for k, v in DECODE_DEFAULTS.items() if k not in named) + tuple(defines)
 
 
 def decode_defines() -> tuple[str, ...]:

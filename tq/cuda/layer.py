@@ -264,7 +264,7 @@ class PackedKVLayer:
         """Dynamic shared memory of the split kernel's main loop."""
         P, kb, vb = self.p, self.key_bits, self.value_bits
         if which == "mmt":
-            return mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages, mod.mmt_prmt)
+            return mmt_smem_bytes(P, kb, vb, nrep, mod.mmt_stages, mod.prmt_level)
         if which in ("mma", "mma_v1"):
             return mma_smem_bytes(P, kb, vb, nrep, lut=(which == "mma"))
         return fma_smem_bytes(P, kb, vb, nrep)

@@ -214,12 +214,13 @@ def smem_share(blocks_per_sm: int) -> int:
 SPLIT_SMEM_SHARE = smem_share(3)
 
 
-def mmt_prmt(p: int, kb: int, vb: int, nrep: int, prmt: bool) -> bool:
+def mmt_prmt(p: int, kb: int, vb: int, nrep: int, prmt: int) -> bool:
     """Whether tq_split_mmt uses the byte-permute table layout for a configuration
-    (compiled with ``-DTQ_PRMT_LUT=1 -DTQ_TILE_SOURCE=1``): 4-bit keys, 2- or 4-bit
-    values, head dims up to 128, up to 8 heads per kv head (decode.cu, ``PR``; there
-    3 blocks per SM fit)."""
-    return bool(prmt) and kb == 4 and vb in (2, 4) and p <= 128 and nrep <= 8
+    (``prmt``: the value of TQ_PRMT_LUT, on by default with TQ_TILE_SOURCE): 4-bit keys
+    and values (with ``prmt`` >= 2 also 2-bit values, measured mixed on an H100), head
+    dims up to 128, up to 8 heads per kv head (decode.cu, ``PR``; there 3 blocks per SM
+    fit)."""
+    return bool(prmt) and kb == 4 and (vb == 4 or (vb == 2 and prmt >= 2)) and p <= 128 and nrep <= 8
 
 
 def _mmt_tile_runs(p: int, kb: int, vb: int) -> int:
@@ -227,11 +228,11 @@ def _mmt_tile_runs(p: int, kb: int, vb: int) -> int:
     return -(-_tile_bytes(p, kb, vb) // 128)
 
 
-def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, prmt: bool = False) -> int:
+def mmt_smem_bytes(p: int, kb: int, vb: int, nrep: int, stages: int, prmt: int = 0) -> int:
     """Dynamic shared memory of tq_split_mmt with a pipeline of ``stages`` tiles per
     warp (Q^T fragments: uint2 [P/16][ceil(nrep / 8)][32]).
 
-    ``prmt`` (``mmt_prmt``): the key table takes 256 entries 256 bytes apart (64 KiB),
+    ``prmt`` (TQ_PRMT_LUT, where ``mmt_prmt`` holds): the key table takes 256 entries 256 bytes apart (64 KiB),
     the value table and the pipeline live in the unused upper 128 bytes of its entries,
     and the query fragments, rotated queries and softmax state follow it."""
     qf = (p // 16) * -(-nrep // 8) * 32 * 8
@@ -247,13 +248,14 @@ def mmt_holes_fit(p: int, kb: int, vb: int, stages: int) -> bool:
     return vtable + 4 * stages * _mmt_tile_runs(p, kb, vb) <= 256
 
 
-def mmt_config(p: int, kb: int, vb: int, nrep: int, prmt: bool = False) -> tuple[int, int]:
+def mmt_config(p: int, kb: int, vb: int, nrep: int, prmt: int = 0) -> tuple[int, int]:
     """(pipeline stages, resident blocks per SM) of tq_split_mmt for a configuration.
 
     Up to 8 heads per kv head the kernel fits 128 registers, so 4 blocks (16 warps)
     per SM are resident when shared memory allows: the deepest pipeline (4, 3, then
     2 tiles per warp) that fits a quarter of the SM.  Otherwise 3 blocks with the
-    deepest pipeline that fits a third.  With the byte-permute layout (``prmt``, a 64 KiB
+    deepest pipeline that fits a third.  With the byte-permute layout (``prmt``: TQ_PRMT_LUT,
+    where ``mmt_prmt`` holds; a 64 KiB
     table) at most 3 blocks fit, and the pipeline must fit the table's holes.
     ``TQ_MMT_CONFIG="stages,blocks"`` overrides (benchmarks)."""
     env = os.environ.get("TQ_MMT_CONFIG")
@@ -265,7 +267,7 @@ def mmt_config(p: int, kb: int, vb: int, nrep: int, prmt: bool = False) -> tuple
         for st in (4, 3, 2):
             if pr and not mmt_holes_fit(p, kb, vb, st):
                 continue
-            if mmt_smem_bytes(p, kb, vb, nrep, st, pr) <= smem_share(minb):
+            if mmt_smem_bytes(p, kb, vb, nrep, st, prmt) <= smem_share(minb):
                 return st, minb
     return 2, 2
 

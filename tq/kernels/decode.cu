@@ -453,10 +453,11 @@ TQ_D void cp_async16(void* dst, const void* src) { cp16(smem_addr(dst), src); }
 TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-// TQ_TILE_SOURCE=1: the split kernels request their tiles through TileSource (below);
-// 0 (default until it has been timed and tested on a GPU): the flat piece index.
+// TQ_TILE_SOURCE=1 (default): the split kernels request their tiles through TileSource
+// (below); 0: the flat piece index.  tq.cuda passes every switch explicitly
+// (tq/cuda/_build.py DECODE_DEFAULTS); these fallbacks serve other builds and must match.
 #ifndef TQ_TILE_SOURCE
-#define TQ_TILE_SOURCE 0
+#define TQ_TILE_SOURCE 1
 #endif
 // A split warp's tile source: this lane's 16-byte pieces of a 16-token tile (key codes,
 // value codes, then the key and value norms: 16 CK + 16 CV + 64 bytes, in that order in
@@ -940,7 +941,7 @@ TQ_D void load_seg(const u8* p, u32* w) {
 // a byte-aligned 8-bit field becomes an offset in one byte permute (PRMT: the field's
 // byte above lane * 4) instead of a shift and a mask.
 #ifndef TQ_PRMT_LUT
-#define TQ_PRMT_LUT 0
+#define TQ_PRMT_LUT 1
 #endif
 template <int W, int SH, int S>
 TQ_D u32 lut_off_reg(u32 x, u32 lane4);
@@ -1411,13 +1412,14 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   constexpr int NH = (NREP + 7) / 8;        // n-tiles (8 heads)
   constexpr int NG = 4 / DSPLIT;            // token groups in the block
   constexpr bool QREG = P <= 128;           // query fragments in registers
-  // PR (TQ_PRMT_LUT, 4-bit keys, 2- or 4-bit values, P <= 128, up to 8 heads; layout.py
-  // mmt_prmt; 3 blocks per SM fit): the
+  // PR (TQ_PRMT_LUT, 4-bit keys and values, or 2-bit values with TQ_PRMT_LUT=2, P <= 128,
+  // up to 8 heads; layout.py mmt_prmt; 3 blocks per SM fit): the
   // key table's entries are 256 bytes apart (lut_off, S = 8), so every key look-up and
   // 4-bit value look-up is one PRMT.  The value table (2 bits) and the cp.async stages
   // fill the table's upper halves (TileSource, HOLES); the query fragments follow the
   // 64 KB table.
-  constexpr bool PR = TQ_PRMT_LUT && TQ_TILE_SOURCE && KB == 4 && (VB == 4 || VB == 2) && P <= 128 && NREP <= 8;
+  constexpr bool PR = TQ_PRMT_LUT && TQ_TILE_SOURCE && KB == 4 && (VB == 4 || (VB == 2 && TQ_PRMT_LUT >= 2)) &&
+                     P <= 128 && NREP <= 8;
   constexpr int LS = PR ? 8 : 7;            // log2 of a table entry's pitch
   using Stages = TileSource<CK, CV, STAGES, NG, PR>;  // the stages' layout (HOLES = PR)
   constexpr int HS = Stages::H;             // address bytes per stage byte
