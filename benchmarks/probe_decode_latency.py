@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--windows", default="128,0")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
     ap.add_argument("--presets", default="K4/V4", help='key/value bits, e.g. "K4/V4,K3/V2"')
+    ap.add_argument("--batch", type=int, default=1, help="sequences (the timeline of --trace is batch 1)")
     ap.add_argument("--forced-at", default="4096,32768", help="contexts of the forced-split sweeps")
     ap.add_argument("--splits", default="4,8,16,24,32,48,64", help="splits of the forced-split sweeps")
     args = ap.parse_args()
@@ -140,7 +141,8 @@ def main():
                       indent=1)
         return
     rows = []
-    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    B = args.batch
+    q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
     x = torch.zeros(1, device="cuda")
     t_empty = bench(lambda: x.add_(1))
     rows.append(dict(case="empty torch op", ms=t_empty))
@@ -150,13 +152,13 @@ def main():
             for ctx in map(int, args.contexts.split(",")):
                 if window == 0 and ctx < 64:
                     continue
-                layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=1, capacity=ctx + 64)
-                k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+                layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=B, capacity=ctx + 64)
+                k = torch.randn(B, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
                 layer.append(k, torch.randn_like(k))
                 layer.decode_attention(q, impl=impl)
                 plan = next(iter(layer._plans.values()), (0, 0))
                 t = bench(lambda: layer.decode_attention(q, impl=impl))
-                rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx,
+                rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx, batch=B,
                                  splits=plan[0], chunk=plan[1], ms=t))
                 log(f"{impl} {preset} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
                 if ctx in forced_at and window == 128 and not args.no_forced:
@@ -165,7 +167,7 @@ def main():
                         splits, chunk = next(iter(layer._plans.values()))
                         t = bench(lambda: layer.decode_attention(q, impl=impl))
                         rows.append(dict(case="forced splits", impl=impl, preset=preset, window=window,
-                                         ctx=ctx, splits=splits, chunk=chunk, ms=t))
+                                         ctx=ctx, batch=B, splits=splits, chunk=chunk, ms=t))
                         log(f"  forced splits {splits} (chunk {chunk}): {t * 1e3:.1f} us")
                 del layer, k
     env = environment(("torch", "triton", "cupy"))
@@ -174,7 +176,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, args.stem + ".json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
-    lines = [f"# Decode latency probe (batch 1, {HQ} q / {HKV} kv heads, d {D})", ""]
+    lines = [f"# Decode latency probe (batch {B}, {HQ} q / {HKV} kv heads, d {D})", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     lines += [f"Empty torch op under the same timer: {t_empty * 1e3:.1f} us", ""]
     lines += ["| impl | preset | window | context | splits | chunk | forced | time (us) |",

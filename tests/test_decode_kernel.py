@@ -60,10 +60,21 @@ def test_plan_splits_model():
     assert L.plan_splits(32640, 32, 8) == (3, 10880)
     # batch 1, 4K tokens: 16 splits (one merge batch) rather than 31 (two)
     assert L.plan_splits(3968, 1, 8, window_blocks=4) == (16, 256)
-    # batch 1, 32K tokens: 47 splits fill 376 of 396 slots; with 4 window blocks per pair they would
-    # not fit beside them, so the planner takes 32 splits (288 blocks with the window blocks)
-    assert L.plan_splits(32640, 1, 8, window_blocks=0) == (47, 704)
-    assert L.plan_splits(32640, 1, 8, window_blocks=4) == (32, 1024)
+    # batch 1 (8 pairs, a small grid): balance the SMs.  32K and 128K tokens: 32 splits, two
+    # blocks on most SMs, not the 45-62 that would fill the slots (probe on an H100: 128K x 1,
+    # 81 us against 90 us for 45 splits and 105 us for 62)
+    for bps in (3, 4):
+        for wb in (0, 4):
+            assert L.plan_splits(32640, 1, 8, blocks_per_sm=bps, window_blocks=wb) == (32, 1024)
+            assert L.plan_splits(130944, 1, 8, blocks_per_sm=bps, window_blocks=wb) == (32, 4096)
+    # one block per SM streams slower than two sharing it: 2 sequences x 8 heads x 16 splits
+    assert L.plan_splits(130944, 2, 8) == (16, 8192)
+    # a small grid never takes a second wave
+    rng = np.random.default_rng(0)
+    for nc in list(rng.integers(1, 2 * 10**6, 50)):
+        for batch, bps in ((1, 3), (1, 4), (2, 3), (4, 4)):
+            sp, _ = L.plan_splits(int(nc), batch, 8, blocks_per_sm=bps)
+            assert sp * batch * 8 <= 132 * bps
 
 
 def _emulate_lut8(x: np.ndarray, tab: np.ndarray, bits: int) -> np.ndarray:

@@ -103,6 +103,15 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
     - ``merge_batch_tokens`` per 16 splits: the finishing block loads 16 split
       partials per L2 round trip (tq/kernels/decode.cu, finish).  Measured on an
       H200 at batch 1 and 4K tokens: 16 splits 18.0 us, 31 splits 18.7 us.
+
+    Small grids (at most ``num_sms / 4`` pairs, e.g. batch 1 with 8 kv heads) choose
+    among many split counts, and there the balance between SMs decides: the time is
+    that of the busiest SM, ``ceil(blocks / num_sms)`` blocks of ``chunk`` tokens each,
+    and a block alone on its SM streams about 1.2x slower than
+    two that share it; a second wave is never taken.  Measured on an H100 at batch 1, 128K tokens
+    (benchmarks/results/decode_b1_splits_h100.md): 32 splits (two blocks on most SMs)
+    81 us, 45 splits (three on most) 90 us, 16 splits (one each) 94 us, 62 splits
+    (two waves) 105 us (mma, K4/V4).
     """
     if nc_max <= 0:
         return 0, ROW_ALIGN
@@ -113,14 +122,22 @@ def plan_splits(nc_max: int, batch: int, num_kv_heads: int, num_sms: int = 132,
         c = -(-nc_max // sp)
         return -(-c // ROW_ALIGN) * ROW_ALIGN
 
-    limit = max(1, min(max_splits, -(-nc_max // min_chunk), 4 * (-(-slots // pairs))))
+    small = 4 * pairs <= num_sms
+    # (a small grid stays within one wave: a second one was slower in every measurement)
+    limit = max(1, min(max_splits, -(-nc_max // min_chunk), slots // pairs if small else 4 * (-(-slots // pairs))))
     best = None
     for sp in range(1, limit + 1):
         c = chunk_for(sp)
         sp_eff = -(-nc_max // c)                       # splits that hold tokens
-        waves = -(-(sp_eff * pairs) // slots)
+        blocks = sp_eff * pairs
+        waves = -(-blocks // slots)
         crowded = waves == 1 and (sp_eff + window_blocks) * pairs > slots
-        t = (waves * (c + block_overhead_tokens) + (block_overhead_tokens if crowded else 0)
+        if small:                                      # the busiest SM's tokens
+            per_sm = -(-blocks // num_sms)
+            main = per_sm * c * (1.2 if per_sm == 1 else 1.0) + block_overhead_tokens
+        else:
+            main = waves * (c + block_overhead_tokens)
+        t = (main + (block_overhead_tokens if crowded else 0)
              + merge_batch_tokens * -(-sp_eff // 16))
         cost = (t, sp_eff)
         if best is None or cost < best[0]:
