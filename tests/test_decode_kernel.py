@@ -402,7 +402,8 @@ def test_split_smem_plan():
 
 def test_mmt_config_and_kernel_choice(monkeypatch):
     """tq_split_mmt's pipeline depth and occupancy fit the SM's shared memory, and
-    impl="auto" takes it only for grids that fill the GPU."""
+    impl="auto" takes it for grids that fill the GPU, and for all grids where it uses
+    the byte-permute tables."""
     from tq.cuda.layout import (choose_split_kernel, mmt_config, mmt_holes_fit, mmt_prmt, mmt_smem_bytes,
                                 smem_share)
     monkeypatch.delenv("TQ_MMT_CONFIG", raising=False)
@@ -442,6 +443,10 @@ def test_mmt_config_and_kernel_choice(monkeypatch):
     assert choose_split_kernel(8, 8, 4, 32768) == "mmt"
     assert choose_split_kernel(32, 8, 4, 4096) == "mmt"
     assert choose_split_kernel(32, 8, 32, 32768) == "fma"
+    # with the byte-permute tables mmt also takes the small grids ...
+    for batch, nc in ((1, 4096), (1, 131072), (8, 4096)):
+        assert choose_split_kernel(batch, 8, 4, nc, prmt=True) == "mmt"
+    assert choose_split_kernel(1, 8, 32, 4096, prmt=True) == "fma"   # ... but not past 16 heads
 
 
 # (field bits W, stream bit BIT, log2 entry pitch S) of decode.cu's lut_off: byte-aligned

@@ -279,9 +279,11 @@ class PackedKVLayer:
             self._smem_plans[key] = plan
         return plan
 
-    def auto_impl(self, nrep: int, nc_max: int) -> str:
-        """The split kernel "auto" picks (tq.cuda.layout.choose_split_kernel)."""
-        return choose_split_kernel(self.batch, self.num_kv_heads, nrep, nc_max)
+    def auto_impl(self, nrep: int, nc_max: int, mod=None) -> str:
+        """The split kernel "auto" picks (tq.cuda.layout.choose_split_kernel); ``mod``,
+        the compiled decode module, tells whether mmt uses the byte-permute tables."""
+        prmt = bool(mod.mmt_prmt) if mod is not None else False
+        return choose_split_kernel(self.batch, self.num_kv_heads, nrep, nc_max, prmt=prmt)
 
     @staticmethod
     def _blocks_per_sm(which: str, mod) -> int:
@@ -345,9 +347,9 @@ class PackedKVLayer:
                 raise ValueError(f"max_len={max_len} is below the longest sequence ({longest})")
             longest = int(max_len)
         nc_max = max(0, longest - self.window)
-        if impl == "auto":
-            impl = self.auto_impl(nrep, nc_max)
         mod = self._module("decode", nrep, qt, ot)
+        if impl == "auto":
+            impl = self.auto_impl(nrep, nc_max, mod)
         which = impl
         bps = self._blocks_per_sm(which, mod)
         plan = self._plans.get((nc_max, bps, which, nrep))

@@ -295,12 +295,20 @@ MMT_MIN_PAIRS = 32
 MMT_MIN_WORK = 1 << 19
 
 
-def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int) -> str:
+def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int,
+                        prmt: bool = False) -> str:
     """The split kernel of ``impl="auto"``: "mmt" (heads on the mma's n side, 4 blocks
     per SM) once the grid fills the GPU, "mma" (heads on the m side) on small grids,
-    where its shorter prologue and fewer splits win, "fma" past 16 heads per kv head."""
+    where its shorter prologue and fewer splits win, "fma" past 16 heads per kv head.
+
+    ``prmt``: whether tq_split_mmt uses the byte-permute table layout for this
+    configuration (``mmt_prmt``).  With it mmt wins on small grids too: batch 1 on an
+    H100, K4/V4, 4K to 128K tokens, mmt is 3-6% faster than mma
+    (benchmarks/results/decode_b1_impls_h100.md)."""
     if nrep > 16:
         return "fma"
+    if prmt:
+        return "mmt"
     pairs = batch * num_kv_heads
     return "mmt" if pairs >= MMT_MIN_PAIRS and pairs * nc_max >= MMT_MIN_WORK else "mma"
 
