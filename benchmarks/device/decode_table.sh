@@ -6,7 +6,7 @@ TAG=${1:-h100}
 nvidia-smi --query-gpu=name --format=csv,noheader
 # mma against mmt where impl="auto" now takes mmt with the byte-permute tables (short contexts)
 python3 benchmarks/probe_decode_latency.py --out $OUT --windows 128 --batch 8 --impls auto,mma,mmt \
-    --presets K4/V4,K3/V2 --contexts 1024,4096,8192 --no-forced --stem decode_b8_short_impls_$TAG 2>&1 \
+    --presets K4/V4,K3/V2 --contexts 1024,4096,8192,32768,131072 --no-forced --stem decode_b8_short_impls_$TAG 2>&1 \
     | tee $OUT/probe_short_$TAG.log
 python3 benchmarks/probe_decode_latency.py --out $OUT --windows 128 --batch 1 --impls auto,mma,mmt \
     --presets K4/V4 --contexts 512,1024,2048 --no-forced --stem decode_b1_short_impls_$TAG 2>&1 \
