@@ -11,7 +11,8 @@ past the planner.  Each figure is the median of triton's do_bench (L2 flushed).
     python benchmarks/probe_decode_latency.py --contexts 131072 --windows 128 \
         --forced-at 131072 --splits 32,45,62,90 --presets K4/V4,K3/V2   # a split sweep
 
---trace builds the kernels with -DTQ_TRACE (thread 0 of each block stores the
+--trace builds the kernels with -DTQ_TRACE (any --batch up to 4096 blocks per launch;
+cases from --trace-cases) (thread 0 of each block stores the
 global timer at phase boundaries, tq/kernels/decode.cu) and prints, per case, the
 phases' medians over the split blocks, the window blocks and the finishing blocks.
 """
@@ -58,9 +59,11 @@ def trace_launch(layer, q, impl):
     torch.cuda.synchronize()
     tr = cp.asnumpy(buf).astype(np.int64)
     splits = layer._plans[next(iter(layer._plans))][0]
-    wblocks = [v for k, v in layer._smem_plans.items() if k[2] == splits][-1][1]
+    wblocks = [v for k, v in layer._smem_plans.items() if k[3] == splits][-1][1]  # key: (module, impl, nrep, splits)
     pairs = layer.num_kv_heads * layer.batch
     nblk = (splits + wblocks) * pairs
+    if nblk > buf.shape[0]:
+        raise ValueError(f"--trace: {nblk} blocks exceed the trace buffer's {buf.shape[0]} (decode.cu tq_trace)")
     tr = tr[:nblk, :len(PHASES)]
     t0 = tr[:, 0].min()
     us = np.where(tr > 0, (tr - t0) / 1e3, np.nan)
@@ -71,6 +74,8 @@ def trace_launch(layer, q, impl):
     return dict(blocks=int(nblk), split_blocks=int(nsb), window_blocks=int(nblk - nsb),
                 split={PHASES[k]: med(split, k) for k in range(8)},
                 split_last_start=float(np.nanmax(split[:, 0])) if nsb else float("nan"),
+                split_last_tiles=float(np.nanmax(split[:, 3])) if nsb else float("nan"),
+                split_last_arrived=float(np.nanmax(split[:, 5])) if nsb else float("nan"),
                 win_blocks={n: med(win, k) for n, k in (('start', 0), ('staged', 8), ('scored', 9), ('values', 10),
                                                     ('arrived', 5), ('finished', 6))},
                 finish={PHASES[k]: med(fin, k) for k in (0, 4, 5, 11, 12, 13, 6)},
@@ -91,21 +96,24 @@ def run_trace(args):
 
     from tq.cuda import PackedKVLayer
 
-    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
+    B = args.batch
+    q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+    cases = [tuple(int(x) for x in c.split(":")) for c in args.trace_cases.split(",") if c]
     out = []
     for impl, (preset, (kb, vb)) in itertools.product(args.impls.split(","), presets(args)):
-        for window, ctx in ((128, 1), (0, 64), (128, 4096), (128, 32768)):
-            layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=1, capacity=ctx + 64)
-            k = torch.randn(1, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+        for window, ctx in cases:
+            layer = PackedKVLayer(HKV, D, kb, vb, seed=1, window=window, batch=B, capacity=ctx + 64)
+            k = torch.randn(B, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
             layer.append(k, torch.randn_like(k))
             for _ in range(3):
                 layer.decode_attention(q, impl=impl)
             r = trace_launch(layer, q, impl)
-            r.update(impl=impl, preset=preset, window=window, ctx=ctx)
+            r.update(impl=impl, preset=preset, window=window, ctx=ctx, batch=B)
             out.append(r)
             f = lambda d: " ".join(f"{k} {v:.1f}" for k, v in d.items())  # noqa: E731
-            log(f"{impl} {preset} W={window} ctx={ctx}: {r['blocks']} blocks, end {r['end']:.1f} us, "
-                f"last split start {r['split_last_start']:.1f}")
+            log(f"{impl} {preset} B={B} W={window} ctx={ctx}: {r['blocks']} blocks, end {r['end']:.1f} us, "
+                f"last split start {r['split_last_start']:.1f}, tiles {r['split_last_tiles']:.1f}, "
+                f"arrived {r['split_last_arrived']:.1f}")
             log(f"   split  : {f(r['split'])}")
             log(f"   window : {f(r['win_blocks'])}")
             log(f"   finish : {f(r['finish'])}")
@@ -126,7 +134,9 @@ def main():
     ap.add_argument("--windows", default="128,0")
     ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
     ap.add_argument("--presets", default="K4/V4", help='key/value bits, e.g. "K4/V4,K3/V2"')
-    ap.add_argument("--batch", type=int, default=1, help="sequences (the timeline of --trace is batch 1)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences")
+    ap.add_argument("--trace-cases", default="128:1,0:64,128:4096,128:32768",
+                    help="window:context pairs of --trace")
     ap.add_argument("--forced-at", default="4096,32768", help="contexts of the forced-split sweeps")
     ap.add_argument("--splits", default="4,8,16,24,32,48,64", help="splits of the forced-split sweeps")
     args = ap.parse_args()
