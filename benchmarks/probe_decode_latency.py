@@ -11,10 +11,10 @@ past the planner.  Each figure is the median of triton's do_bench (L2 flushed).
     python benchmarks/probe_decode_latency.py --contexts 131072 --windows 128 \
         --forced-at 131072 --splits 32,45,62,90 --presets K4/V4,K3/V2   # a split sweep
 
---trace builds the kernels with -DTQ_TRACE (any --batch up to 4096 blocks per launch;
-cases from --trace-cases) (thread 0 of each block stores the
-global timer at phase boundaries, tq/kernels/decode.cu) and prints, per case, the
-phases' medians over the split blocks, the window blocks and the finishing blocks.
+--trace builds the kernels with -DTQ_TRACE (thread 0 of each block stores the
+global timer at phase boundaries, tq/kernels/decode.cu) and prints, per case of
+--trace-cases, the phases' medians over the split blocks, the window blocks and the
+finishing blocks; any --batch whose launch has at most 4096 blocks (tq_trace's rows).
 """
 from __future__ import annotations
 

@@ -280,10 +280,12 @@ class PackedKVLayer:
         return plan
 
     def auto_impl(self, nrep: int, nc_max: int, mod=None) -> str:
-        """The split kernel "auto" picks (tq.cuda.layout.choose_split_kernel); ``mod``,
-        the compiled decode module, tells whether mmt uses the byte-permute tables."""
-        prmt = bool(mod.mmt_prmt) if mod is not None else False
-        return choose_split_kernel(self.batch, self.num_kv_heads, nrep, nc_max, prmt=prmt)
+        """The split kernel "auto" picks (tq.cuda.layout.choose_split_kernel); ``mod``, the
+        decode module (requested here if not given), tells whether mmt uses the
+        byte-permute tables (it depends on the compile-time variant, not on the dtypes)."""
+        if mod is None:
+            mod = self._module("decode", nrep)
+        return choose_split_kernel(self.batch, self.num_kv_heads, nrep, nc_max, prmt=mod.mmt_prmt)
 
     @staticmethod
     def _blocks_per_sm(which: str, mod) -> int:

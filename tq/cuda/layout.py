@@ -297,8 +297,8 @@ MMT_MIN_WORK = 1 << 19
 
 def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int,
                         prmt: bool = False) -> str:
-    """The split kernel of ``impl="auto"``: "mmt" (heads on the mma's n side, 4 blocks
-    per SM) once the grid fills the GPU, "mma" (heads on the m side) on small grids,
+    """The split kernel of ``impl="auto"``: "mmt" (heads on the mma's n side, up to 4
+    blocks per SM) once the grid fills the GPU, "mma" (heads on the m side) on small grids,
     where its shorter prologue and fewer splits win, "fma" past 16 heads per kv head.
 
     ``prmt``: whether tq_split_mmt uses the byte-permute table layout for this
