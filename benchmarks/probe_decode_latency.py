@@ -64,6 +64,7 @@ def trace_launch(layer, q, impl):
     nblk = (splits + wblocks) * pairs
     if nblk > buf.shape[0]:
         raise ValueError(f"--trace: {nblk} blocks exceed the trace buffer's {buf.shape[0]} (decode.cu tq_trace)")
+    smid = tr[:nblk, 15] - 1
     tr = tr[:nblk, :len(PHASES)]
     t0 = tr[:, 0].min()
     us = np.where(tr > 0, (tr - t0) / 1e3, np.nan)
@@ -79,7 +80,10 @@ def trace_launch(layer, q, impl):
                 win_blocks={n: med(win, k) for n, k in (('start', 0), ('staged', 8), ('scored', 9), ('values', 10),
                                                     ('arrived', 5), ('finished', 6))},
                 finish={PHASES[k]: med(fin, k) for k in (0, 4, 5, 11, 12, 13, 6)},
-                end=float(np.nanmax(us[:, 6])))
+                end=float(np.nanmax(us[:, 6])),
+                # per block (split blocks first): SM, start, tiles done, arrived (us; NaN = none)
+                raw=dict(sm=smid.tolist(), start=np.round(us[:, 0], 2).tolist(),
+                         tiles=np.round(us[:, 3], 2).tolist(), arrived=np.round(us[:, 5], 2).tolist()))
 
 
 def presets(args):
@@ -107,7 +111,11 @@ def run_trace(args):
             layer.append(k, torch.randn_like(k))
             for _ in range(3):
                 layer.decode_attention(q, impl=impl)
-            r = trace_launch(layer, q, impl)
+            try:
+                r = trace_launch(layer, q, impl)
+            except ValueError as e:
+                log(f"{impl} {preset} B={B} W={window} ctx={ctx}: skipped ({e})")
+                continue
             r.update(impl=impl, preset=preset, window=window, ctx=ctx, batch=B)
             out.append(r)
             f = lambda d: " ".join(f"{k} {v:.1f}" for k, v in d.items())  # noqa: E731
@@ -135,6 +143,9 @@ def main():
     ap.add_argument("--no-forced", action="store_true", help="skip the forced-split sweeps")
     ap.add_argument("--presets", default="K4/V4", help='key/value bits, e.g. "K4/V4,K3/V2"')
     ap.add_argument("--batch", type=int, default=1, help="sequences")
+    ap.add_argument("--schedules", default="steal",
+                    help='"steal" (default: the schedule decode_attention picks), "fixed" (under '
+                         'torch.use_deterministic_algorithms) or both, timed side by side')
     ap.add_argument("--trace-cases", default="128:1,0:64,128:4096,128:32768",
                     help="window:context pairs of --trace")
     ap.add_argument("--forced-at", default="4096,32768", help="contexts of the forced-split sweeps")
@@ -147,8 +158,7 @@ def main():
         res = run_trace(args)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, args.stem + "_trace.json"), "w") as f:
-            json.dump(dict(env=dict(gpu=torch.cuda.get_device_name(0), command=" ".join(sys.argv)), rows=res), f,
-                      indent=1)
+            json.dump(dict(env=dict(gpu=torch.cuda.get_device_name(0), command=" ".join(sys.argv)), rows=res), f)
         return
     rows = []
     B = args.batch
@@ -167,10 +177,17 @@ def main():
                 layer.append(k, torch.randn_like(k))
                 layer.decode_attention(q, impl=impl)
                 plan = next(iter(layer._plans.values()), (0, 0))
-                t = bench(lambda: layer.decode_attention(q, impl=impl))
-                rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx, batch=B,
-                                 splits=plan[0], chunk=plan[1], ms=t))
-                log(f"{impl} {preset} W={window} ctx={ctx}: {t * 1e3:.1f} us (splits {plan[0]}, chunk {plan[1]})")
+                for sched in args.schedules.split(","):
+                    torch.use_deterministic_algorithms(sched == "fixed")
+                    # (else deterministic mode fills every torch.empty, decode's output too)
+                    torch.utils.deterministic.fill_uninitialized_memory = sched != "fixed"
+                    t = bench(lambda: layer.decode_attention(q, impl=impl))
+                    rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx, batch=B,
+                                     splits=plan[0], chunk=plan[1], ms=t, schedule=sched))
+                    log(f"{impl} {preset} W={window} ctx={ctx} {sched}: {t * 1e3:.1f} us "
+                        f"(splits {plan[0]}, chunk {plan[1]})")
+                torch.use_deterministic_algorithms(False)
+                torch.utils.deterministic.fill_uninitialized_memory = True
                 if ctx in forced_at and window == 128 and not args.no_forced:
                     for sp in forced_splits:
                         force_splits(layer, sp)
@@ -189,11 +206,12 @@ def main():
     lines = [f"# Decode latency probe (batch {B}, {HQ} q / {HKV} kv heads, d {D})", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     lines += [f"Empty torch op under the same timer: {t_empty * 1e3:.1f} us", ""]
-    lines += ["| impl | preset | window | context | splits | chunk | forced | time (us) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| impl | preset | window | context | splits | chunk | forced | schedule | time (us) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         lines.append(f"| {r['impl']} | {r['preset']} | {r['window']} | {r['ctx']} | {r['splits']} | {r['chunk']} | "
-                     f"{'yes' if r['case'] == 'forced splits' else ''} | {r['ms'] * 1e3:.1f} |")
+                     f"{'yes' if r['case'] == 'forced splits' else ''} | {r.get('schedule', 'steal')} | "
+                     f"{r['ms'] * 1e3:.1f} |")
     with open(os.path.join(args.out, args.stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

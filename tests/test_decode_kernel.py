@@ -535,7 +535,8 @@ def test_module_cache_follows_compile_variants(monkeypatch):
         # NVRTC gets every default switch explicitly, unless the variant sets it
         assert _build.compile_defines(()) == tuple(f"-D{k}={v}" for k, v in _build.DECODE_DEFAULTS.items())
         assert _build.compile_defines(("-DTQ_TILE_SOURCE=0", "-DX=2")) == (
-            "-DTQ_PRMT_LUT=1", "-DTQ_TILE_SOURCE=0", "-DX=2")
+            "-DTQ_PRMT_LUT=1", "-DTQ_SEG_TILES=4", "-DTQ_STEAL=1", "-DTQ_SPLIT_INTERLEAVE=1",
+            "-DTQ_TILE_SOURCE=0", "-DX=2")
     finally:
         _build.set_decode_defines(None)
         _build._get_module.cache_clear()
@@ -656,3 +657,55 @@ int main() {
                 bad = [d for d, *_ in got if d % 256 < 128 or d % 256 + 16 > 256]
                 assert not bad, (ck, cv, st, ho, it, bad[:8])
         assert got == sorted(want), (ck, cv, st, ng, row, it, tiles)
+
+
+def test_work_stealing_rule():
+    """Stealing only for mmt at head dims up to 128 on one wave of split blocks with more
+    than two per SM (the grids where it measured faster, layout.use_work_stealing)."""
+    rule = L.use_work_stealing
+    assert rule("mmt", 128, 512, 132, 4) and rule("mmt", 64, 384, 132, 3)
+    assert not rule("mmt", 128, 256, 132, 3)        # batch 1: two blocks per SM
+    assert not rule("mmt", 128, 600, 132, 4)        # more than one wave
+    assert not rule("mma", 128, 384, 132, 3) and not rule("fma", 128, 384, 132, 4)
+    assert not rule("mmt", 256, 384, 132, 3)        # two warps share a token group
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["K4/V4", "K3/V2"])
+def test_mmt_work_stealing_and_deterministic_schedule(preset):
+    """The mmt kernel's warps take tile segments from a per-pair counter that the last
+    block resets: every call must cover each token once (a counter left over would skip
+    segments), long and short sequences of one batch alike.  Under
+    torch.use_deterministic_algorithms the fixed schedule returns identical bits call
+    after call, and both schedules match the reference."""
+    torch = _gpu()
+    from tq.cuda import PackedKVLayer
+    from tq.cuda.reference import attention, dequantize_layer, rel_err
+
+    kb, vb = L.PRESETS[preset]
+    rng = np.random.default_rng(5)
+    lens = [20000, 3000, 64, 9000, 1, 17000, 128, 20000]
+    layer = PackedKVLayer(8, 128, kb, vb, seed=5, window=128, batch=8, capacity=max(lens) + 64)
+    k, v = _make_kv(torch, rng, 8, 8, max(lens), 128)
+    layer.append(k, v, n_valid=lens)
+    q = torch.from_numpy(rng.standard_normal((8, 32, 128)).astype(np.float32)).cuda()
+    K, V, ll = dequantize_layer(layer)
+    ref = attention(q.double(), K, V, ll)
+    outs = []
+    for _ in range(4):
+        outs.append(layer.decode_attention(q, out_dtype=torch.float32, impl="mmt"))
+        assert layer.last_schedule == "steal"
+    for out in outs:
+        assert rel_err(out, ref) < 3e-3
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fixed = [layer.decode_attention(q, out_dtype=torch.float32, impl="mmt") for _ in range(3)]
+        assert layer.last_schedule == "fixed"
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert rel_err(fixed[0], ref) < 3e-3
+    for f in fixed[1:]:
+        assert torch.equal(f, fixed[0])
+    # the two schedules sum the same terms in different orders
+    assert float((outs[0] - fixed[0]).norm() / fixed[0].norm()) < 1e-4

@@ -12,7 +12,8 @@ import numpy as np
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
                      lut_words, mma_smem_bytes, mmt_smem_bytes, padded_dim, plan_splits,
-                     quantizer_config, split_smem_plan, choose_split_kernel)
+                     quantizer_config, split_smem_plan, choose_split_kernel,
+                     use_work_stealing)
 
 LOG2E = 1.4426950408889634
 
@@ -92,6 +93,11 @@ class PackedKVLayer:
         self.lengths = torch.zeros(self.batch, dtype=torch.int32, device=dev)
         #: arrivals per (sequence, kv head) during a decode launch; the last block resets it
         self._counters = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
+        #: tile segments taken per (sequence, kv head) by the mmt kernel's warps (work
+        #: stealing); the last block resets it
+        self._steals = torch.zeros(self.batch * self.num_kv_heads, dtype=torch.int32, device=dev)
+        #: the schedule of the last decode launch: "steal" or "fixed" (decode_attention)
+        self.last_schedule: str | None = None
         self._host_len = np.zeros(self.batch, np.int64)
         self._ws: dict = {}
         self._plans: dict = {}       # (nc_max, blocks per SM, impl, n_rep) -> (splits, chunk)
@@ -312,6 +318,13 @@ class PackedKVLayer:
         grids; both fp16 operands, float32 accumulation) or "fma" (float32 throughout).  ``max_len``: plan the launch for this
         many tokens instead of the current longest sequence, so the launch
         shape stays fixed across steps (CUDA graphs).
+
+        On the grids where it pays (``tq.cuda.layout.use_work_stealing``: the mmt kernel,
+        one wave of split blocks, three or more per SM) the warps take their tiles from a
+        per-(sequence, kv head) counter (work stealing), so the float32 sums, and the
+        output's last bits, may differ from call to call; under
+        ``torch.use_deterministic_algorithms(True)`` the fixed schedule is taken and
+        repeated calls return identical bits.  ``last_schedule`` tells which ran.
         """
         t = self._torch
         squeeze = False
@@ -366,6 +379,12 @@ class PackedKVLayer:
         smem, wblocks = self._smem_plan(which, nrep, splits, mod)
         npart = self.batch * H * max(splits, 1) * nrep
         ws = self._workspace(npart * (P + 2) + self.batch * H * wblocks * nrep * (self.head_dim + 2))
+        # work stealing reorders the float sums between calls; torch's deterministic mode
+        # (torch.use_deterministic_algorithms) takes the fixed schedule instead
+        steal = (not t.are_deterministic_algorithms_enabled()
+                 and use_work_stealing(which, self.head_dim, splits * H * self.batch, self._sms, bps))
+        steals = self._steals.data_ptr() if steal else 0
+        self.last_schedule = "steal" if steal else "fixed"
         opart = ws.data_ptr()
         mpart = opart + 4 * npart * P
         lpart = mpart + 4 * npart
@@ -382,12 +401,12 @@ class PackedKVLayer:
                     B.i64(self.rows), B.i32(H), B.i32(self.head_dim), B.i32(self.window), B.i32(chunk),
                     B.i32(splits), qscale, B.ptr(self._counters), np.uint64(wpart), B.ptr(self.kwin),
                     B.ptr(self.vwin), B.ptr(self._vsigns), B.ptr(out), B.i64(so0), B.i64(so1),
-                    B.i32(wblocks))
+                    B.i32(wblocks), np.uint64(steals))
         # one-dimensional grid: the split blocks, then wblocks window blocks per (kv head,
         # sequence); the last block of each pair to finish writes the output
         # (tq/kernels/decode.cu, split_role / arrive_last)
         self._launch(smod, which, ((splits + wblocks) * H * self.batch,), (128,), sargs, smem,
-                     key=(which, nrep, qt, ot, splits, chunk),
+                     key=(which, nrep, qt, ot, splits, chunk, steals),
                      updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
                               (22, float(qscale)), (24, wpart), (28, optr), (29, so0), (30, so1)))
         return out[:, :, None] if squeeze else out

@@ -15,7 +15,7 @@ from ..config import QuantizerConfig, next_pow2
 __all__ = [
     "PRESETS", "padded_dim", "code_bytes", "bytes_per_token", "bf16_bytes_per_token",
     "compressed_rows", "layer_nbytes", "plan_splits", "mma_smem_bytes", "fma_smem_bytes",
-    "window_smem_bytes", "window_plan", "WINDOW_BLOCK_TOKENS", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "mmt_prmt", "mmt_holes_fit", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
+    "window_smem_bytes", "window_plan", "use_work_stealing", "WINDOW_BLOCK_TOKENS", "finish_smem_bytes", "split_smem_plan", "mmt_smem_bytes", "mmt_config", "mmt_prmt", "mmt_holes_fit", "smem_share", "choose_split_kernel", "lut_words", "max_context", "quantizer_config", "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS", "decode_bytes_read", "splits_math_ok",
 ]
 
@@ -293,6 +293,24 @@ def mmt_config(p: int, kb: int, vb: int, nrep: int, prmt: int = 0) -> tuple[int,
 #: pairs x compressed tokens up (H100 and H200 tables in docs/DECODE_KERNEL.md)
 MMT_MIN_PAIRS = 32
 MMT_MIN_WORK = 1 << 19
+
+
+def use_work_stealing(impl: str, head_dim: int, split_blocks: int, num_sms: int,
+                      blocks_per_sm: int) -> bool:
+    """Whether a decode launch takes the work-stealing schedule (tq_split_mmt's warps take
+    16-token-tile segments of their (sequence, kv head) from a counter, and a pair's split
+    blocks are interleaved with the other pairs' in the launch order; decode.cu split_role).
+
+    It pays where the split blocks fill one wave with three or more blocks on an SM: the
+    warp schedulers favour an SM's older blocks, so under the fixed schedule the blocks
+    dispatched first finish long before the last (batch 8 on an H100: 35 us apart within an
+    SM at 32K tokens).  Measured on an H100 against the fixed schedule in the same run
+    (benchmarks/results/decode_steal_variants_h100.md): batch 8, 32K / 128K tokens, 2.6 /
+    3.5% faster for K3/V2 and 0 / 2.7% for K4/V4; with two blocks per SM (batch 1) 4-6%
+    slower and with several waves (batch 32, 128K, K4/V4) 10% slower, so not there.  Only
+    the mmt kernel with one warp per token group (head dims up to 128) steals."""
+    return (impl == "mmt" and head_dim <= 128
+            and 2 * num_sms < split_blocks <= num_sms * blocks_per_sm)
 
 
 def choose_split_kernel(batch: int, num_kv_heads: int, nrep: int, nc_max: int,

@@ -340,17 +340,20 @@ struct SplitArgs {
   const float* vsigns;                       // (2, P) value rotation signs
   void* out; i64 sob, soh;                   // [B, Hq, D] output (element strides)
   int wblocks;                               // window blocks per (kv head, sequence)
+  int* steals;                               // [B, H] segments taken (tq_split_mmt), zero between
+                                             // calls; null: the static schedule (deterministic)
 };
 #define TQ_SPLIT_PARAMS                                                                          \
   const void *q, i64 sqb, i64 sqh, const u8 *kcodes, const u16 *knorms, const u8 *vcodes,         \
       const u16 *vnorms, const int *lengths, const float *ksigns, const u32 *ktab_, const u32 *vtab_, \
       const float *kcents, const float *vcents, float *opart, float *mpart, float *lpart, i64 cap, \
       int H, int D, int W, int chunk, int splits, float qscale, int *counters, float *wpart,       \
-      const void *kwin, const void *vwin, const float *vsigns, void *out, i64 sob, i64 soh, int wblocks
+      const void *kwin, const void *vwin, const float *vsigns, void *out, i64 sob, i64 soh, int wblocks, \
+      int *steals
 #define TQ_SPLIT_ARGS                                                                            \
   {q, sqb, sqh, kcodes, knorms, vcodes, vnorms, lengths, ksigns, ktab_, vtab_, kcents, vcents,   \
    opart, mpart, lpart, cap, H, D, W, chunk, splits, qscale, counters, wpart, kwin, vwin, vsigns, \
-   out, sob, soh, wblocks}
+   out, sob, soh, wblocks, steals}
 
 // The split kernels' arguments as one struct.  The out-of-line functions
 // (window_block, split_done) take it by reference; a reference to the kernel's
@@ -459,6 +462,21 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 #ifndef TQ_TILE_SOURCE
 #define TQ_TILE_SOURCE 1
 #endif
+// tiles per segment of tq_split_mmt's tile streams (work stealing granularity)
+#ifndef TQ_SEG_TILES
+#define TQ_SEG_TILES 4
+#endif
+// TQ_STEAL=1: tq_split_mmt's warps take segments from a.steals when the host sets it
+// (layout.py use_work_stealing; 0: always the fixed schedule, for A/B).
+// TQ_SPLIT_INTERLEAVE=1: with a.steals set, split block id = s pairs + pair, so a pair's
+// blocks are dispatched in different rounds of the SMs' slots (0: always id = pair splits
+// + s, for A/B); see split_role.
+#ifndef TQ_STEAL
+#define TQ_STEAL 1
+#endif
+#ifndef TQ_SPLIT_INTERLEAVE
+#define TQ_SPLIT_INTERLEAVE 1
+#endif
 // A split warp's tile source: this lane's 16-byte pieces of a 16-token tile (key codes,
 // value codes, then the key and value norms: 16 CK + 16 CV + 64 bytes, in that order in
 // the pipeline stage).  The lane's pointers into its warp's first tile are computed once;
@@ -492,6 +510,11 @@ struct TileSource {
     if (it < tiles) issue(spipe + (u32)(it % STAGES) * (H * STRIDE), (u32)it * (NG * 16));
     cp_commit();
   }
+  // the tile `rows` rows past the first one into stage `slot` (if valid), then one commit group
+  TQ_D void request_rows(int slot, u32 rows, bool valid) const {
+    if (valid) issue(spipe + (u32)slot * (H * STRIDE), rows);
+    cp_commit();
+  }
   // the tile `rows` rows past the first one into the stage at dst (its base plus this
   // lane's piece offset)
   TQ_D void issue(u32 dst, u32 rows) const {
@@ -512,7 +535,7 @@ struct TileSource {
 // 0 start, 1 tables built (split) / window partial done, 2 queries ready, 3 tiles
 // done, 4 partial stored, 5 arrived, 6 finished, 7 empty split, window block: 8
 // staged, 9 scored (with the softmax), 10 values; finish (warp 0): 11 weights'
-// max, 12 split partials summed, 13 rotated back.
+// max, 12 split partials summed, 13 rotated back; 15: the block's SM + 1.
 #ifdef TQ_TRACE
 __device__ unsigned long long tq_trace[4096][16];
 TQ_D void trace(int k) {
@@ -520,6 +543,11 @@ TQ_D void trace(int k) {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     tq_trace[blockIdx.x][k] = t;
+    if (k == 0) {  // slot 15: the SM this block runs on, plus one (0 = no record)
+      unsigned int sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      tq_trace[blockIdx.x][15] = sm + 1ull;
+    }
   }
 }
 #else
@@ -680,16 +708,30 @@ TQ_D bool window_partial(const SplitArgs& a, int b, int h, int j) {
 }
 
 // The launch is one-dimensional: ids [0, splits * H * B) are split blocks (split
-// fastest, then kv head, then sequence), the wblocks * H * B after them the window
+// fastest, then kv head, then sequence; with work stealing kv head fastest, then sequence,
+// then split), the wblocks * H * B after them the window
 // blocks (window block fastest), which the hardware then schedules last, behind
 // the long split blocks.  s is the split or the window block index.
 TQ_D bool split_role(const SplitArgs& a, int& s, int& h, int& b) {
   const int id = blockIdx.x;
   const int nsb = (int)(gridDim.x / (a.splits + a.wblocks)) * a.splits;  // gridDim.x = (splits + wblocks) H B
   if (id < nsb) {
-    s = id % a.splits;
-    h = (id / a.splits) % a.H;
-    b = id / (a.splits * a.H);
+    // Blocks are dispatched in id order, one round of the SMs' free slots after another,
+    // and the warp schedulers favour the older blocks of an SM: at batch 8 on an H100 the
+    // first round finished its tiles ~35 us before the last (docs/DECODE_KERNEL.md).  With
+    // the splits of a pair `pairs` ids apart, every pair holds blocks of every round, and
+    // work stealing (tq_split_mmt) evens the pairs out.
+    if (TQ_SPLIT_INTERLEAVE && a.steals) {
+      const int pairs = nsb / a.splits;
+      const int pair = id % pairs;
+      s = id / pairs;
+      h = pair % a.H;
+      b = pair / a.H;
+    } else {
+      s = id % a.splits;
+      h = (id / a.splits) % a.H;
+      b = id / (a.splits * a.H);
+    }
     return true;
   }
   const int w = id - nsb;
@@ -720,7 +762,10 @@ TQ_D bool arrive_last(const SplitArgs& a, int b, int h, int expected) {
     int prev;
     asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
     last = prev == expected - 1;
-    if (last) *counter = 0;  // every block has arrived: ready for the next call
+    if (last) {  // every block has arrived (and taken its last segment): ready for the next call
+      *counter = 0;
+      if (a.steals) a.steals[(i64)b * a.H + h] = 0;
+    }
   }
   __syncthreads();
   return last;
@@ -1457,15 +1502,39 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 
   const i64 bh = (i64)b * a.H + h;
   u8* mypipe = pipe + warp * STAGES * (HS * STRIDE);
-  // The first tiles are requested before the sequence length arrives: this warp's tiles
-  // of the chunk inside the allocation, trimmed to the live tokens below (one L2
-  // round trip less before the main loop; tiles past them are never read).
+#if TQ_TILE_SOURCE
+  // Each warp streams segments of SEG consecutive tiles of its (sequence, kv head): its
+  // first one is segment s NG + tg, the next ones come from the pair's counter (a.steals:
+  // warps that run faster take more, so the pair's blocks finish together; measured on an
+  // H100 at batch 8, the static split blocks of an SM finished up to 35 us apart, docs/
+  // DECODE_KERNEL.md) or, without it, every NW-th segment (a fixed schedule: deterministic
+  // sums).  The first tiles are requested before the sequence length arrives, bounded by
+  // the allocation (one L2 round trip less before the main loop; tiles past the live
+  // tokens are never read).
+  constexpr int SEG = TQ_SEG_TILES;
+  static_assert(STAGES - 1 < SEG, "the issue side runs less than one segment ahead");
+  // (DSPLIT = 2: the two warps of a token group share its tiles, so the fixed schedule)
+  int* const stl = TQ_STEAL && DSPLIT == 1 ? a.steals : nullptr;
+  const Stages src(a, bh * a.cap, lane, mypipe);
+  int iseg = s * NG + tg;          // segment of the issue position
+  int nxt = 0;                     // lane 0: the segment after iseg (taken ahead)
+  int nw = 0;                      // warps of the pair (known with the length)
+  int ntl = (int)((a.cap + 15) / 16);  // valid tiles: the allocation's, then the live ones
+  auto issue = [&](int pos) {
+    if (pos % SEG == 0 && pos > 0) {
+      if (stl) {
+        iseg = __shfl_sync(0xffffffffu, nxt, 0);
+        if (lane == 0) nxt = nw + atomicAdd(stl + bh, 1);
+      } else {
+        iseg += nw;
+      }
+    }
+    const int tile = iseg * SEG + pos % SEG;
+    src.request_rows(pos % STAGES, 16u * (u32)tile, tile < ntl);
+  };
+#else
   const int atiles = (int)((min((i64)a.chunk, a.cap - start) + 15) / 16);
   int mytiles = atiles > tg ? (atiles - tg + NG - 1) / NG : 0;
-#if TQ_TILE_SOURCE
-  const Stages src(a, bh * a.cap + start + 16 * tg, lane, mypipe);
-  auto issue = [&](int it) { src.request(it, mytiles); };
-#else
   // every lane copies 16-byte pieces of its warp's tiles; the sources are 64-bit
   // bases plus 32-bit offsets, so one copy costs an add and a wide multiply-add
   static_assert(!PR, "the table-hole pipeline takes TileSource");
@@ -1505,10 +1574,16 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     trace(7);
     return;
   }
+#if TQ_TILE_SOURCE
+  ntl = (nc + 15) / 16;
+  nw = ((nc + a.chunk - 1) / a.chunk) * NG;  // the blocks past the live splits exited above
+  if (stl && lane == 0) nxt = nw + atomicAdd(stl + bh, 1);
+#else
   {
     const int ntiles = (end - start + 15) / 16;
     mytiles = ntiles > tg ? (ntiles - tg + NG - 1) / NG : 0;
   }
+#endif
 
   build_luts<KB, VB, LS>(tq_smem, VLUT_OFF, cent);
   trace(1);
@@ -1544,16 +1619,28 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   // this lane's key rows g, g + 8 and value rows 2t (+ 1, 8, 9) in a stage (hole_off)
   const u32 koff = hole_off<PR>(g * CK + t * SK);
   const u32 voff = hole_off<PR>((2 * t) * CV + g * (SV * DSPLIT) + dh * SV);
+#if TQ_TILE_SOURCE
+  int cseg = iseg;  // segment of the computed position (the issue side is in it at its start)
+  for (int it = 0;; ++it) {
+#else
   for (int it = 0; it < mytiles; ++it) {
+#endif
     cp_wait<STAGES - 2>();
     __syncwarp();  // the tile's pieces from every lane have landed; the refilled stage is consumed
     issue(it + STAGES - 1);
+#if TQ_TILE_SOURCE
+    if (it % SEG == 0) cseg = iseg;
+    const int tile = cseg * SEG + it % SEG;
+    if (tile >= ntl) break;  // segments only grow: nothing of this warp's is left
+    const int nvld = min(16, nc - 16 * tile);
+#else
+    const int nvld = min(16, end - (start + 16 * (tg + it * NG)));
+#endif
     const u8* st = mypipe + (it % STAGES) * (HS * STRIDE);
     const u8* sk = st + koff;
     const u8* sv = st + HS * 16 * CK + voff;
     const u16* snk = reinterpret_cast<const u16*>(st + HS * (16 * CK + 16 * CV));
     const u16* snv = snk + 16;
-    const int nvld = min(16, end - (start + 16 * (tg + it * NG)));
 
     // ---- S^T: tokens g and g + 8 of the tile, heads 8 nh + 2t + {0, 1}
     float sc[NH][4];
