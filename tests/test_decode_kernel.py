@@ -536,7 +536,7 @@ def test_module_cache_follows_compile_variants(monkeypatch):
         assert _build.compile_defines(()) == tuple(f"-D{k}={v}" for k, v in _build.DECODE_DEFAULTS.items())
         assert _build.compile_defines(("-DTQ_TILE_SOURCE=0", "-DX=2")) == (
             "-DTQ_PRMT_LUT=1", "-DTQ_SEG_TILES=4", "-DTQ_STEAL=1", "-DTQ_SPLIT_INTERLEAVE=1",
-            "-DTQ_TILE_SOURCE=0", "-DX=2")
+            "-DTQ_LATE_PREFETCH=1", "-DTQ_TILE_SOURCE=0", "-DX=2")
     finally:
         _build.set_decode_defines(None)
         _build._get_module.cache_clear()

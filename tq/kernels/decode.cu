@@ -477,6 +477,9 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 #ifndef TQ_SPLIT_INTERLEAVE
 #define TQ_SPLIT_INTERLEAVE 1
 #endif
+#ifndef TQ_LATE_PREFETCH
+#define TQ_LATE_PREFETCH 1
+#endif
 // A split warp's tile source: this lane's 16-byte pieces of a 16-token tile (key codes,
 // value codes, then the key and value norms: 16 CK + 16 CV + 64 bytes, in that order in
 // the pipeline stage).  The lane's pointers into its warp's first tile are computed once;
@@ -1493,7 +1496,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     return;
   }
   const float cent = load_centroid<KB, VB>(a.kcents, a.vcents);
-  const int len = a.lengths[b];  // used once the first tiles are in flight
+  const int len = a.lengths[b];  // (its load overlaps the centroids' and the tables')
   const int start = s * a.chunk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -1508,9 +1511,8 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
   // warps that run faster take more, so the pair's blocks finish together; measured on an
   // H100 at batch 8, the static split blocks of an SM finished up to 35 us apart, docs/
   // DECODE_KERNEL.md) or, without it, every NW-th segment (a fixed schedule: deterministic
-  // sums).  The first tiles are requested before the sequence length arrives, bounded by
-  // the allocation (one L2 round trip less before the main loop; tiles past the live
-  // tokens are never read).
+  // sums).  Tiles are requested while they lie inside the allocation and, once the length
+  // is known, the live tokens (TQ_LATE_PREFETCH=0 requests the first before it arrives).
   constexpr int SEG = TQ_SEG_TILES;
   static_assert(STAGES - 1 < SEG, "the issue side runs less than one segment ahead");
   // (DSPLIT = 2: the two warps of a token group share its tiles, so the fixed schedule)
@@ -1565,8 +1567,15 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     cp_commit();
   };
 #endif
+  // TQ_LATE_PREFETCH: when the first tiles are requested.  0: here, before the length and
+  // the centroids arrive (their loads then wait behind the SM's tile requests); 1
+  // (default): once the tables are built; 2: after the query fragments.  Side by side on
+  // an H100 (decode_prefetch_variants_h100.md) 1 was 0-6% faster than 0 on every mmt grid.
+  auto prologue = [&]() {
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  };
+  if (TQ_LATE_PREFETCH == 0) prologue();
   const int nc = max(0, len - a.W);
   const int end = min(nc, start + a.chunk);
   if (start >= end) {  // empty split: let the requested tiles land before the block exits
@@ -1586,6 +1595,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 #endif
 
   build_luts<KB, VB, LS>(tq_smem, VLUT_OFF, cent);
+  if (TQ_LATE_PREFETCH == 1) prologue();
   trace(1);
   rotate_queries<P, NREP, DT>(far, qs, b, h);
   // B fragments of Q^T: k = dims t P/4 + 4c + {0,1 | 2,3}, n = head 8 nh + g
@@ -1599,6 +1609,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     qf[i] = f;
   }
   __syncthreads();
+  if (TQ_LATE_PREFETCH == 2) prologue();
   trace(2);
   uint2 qreg[QREG ? (P / 16) * NH : 1];
   if constexpr (QREG) {
