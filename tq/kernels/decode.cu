@@ -341,7 +341,7 @@ struct SplitArgs {
   void* out; i64 sob, soh;                   // [B, Hq, D] output (element strides)
   int wblocks;                               // window blocks per (kv head, sequence)
   int* steals;                               // [B, H] segments taken (tq_split_mmt), zero between
-                                             // calls; null: the static schedule (deterministic)
+                                             // calls; null: the fixed schedule (deterministic)
 };
 #define TQ_SPLIT_PARAMS                                                                          \
   const void *q, i64 sqb, i64 sqh, const u8 *kcodes, const u16 *knorms, const u8 *vcodes,         \
@@ -510,8 +510,7 @@ struct TileSource {
         lane(ln), spipe(smem_addr(pipe) + hole_off<HOLES>(16u * ln)) {}
   // the warp's tile `it` (if below `tiles`) into its stage, then one commit group
   TQ_D void request(int it, int tiles) const {
-    if (it < tiles) issue(spipe + (u32)(it % STAGES) * (H * STRIDE), (u32)it * (NG * 16));
-    cp_commit();
+    request_rows(it % STAGES, (u32)it * (NG * 16), it < tiles);
   }
   // the tile `rows` rows past the first one into stage `slot` (if valid), then one commit group
   TQ_D void request_rows(int slot, u32 rows, bool valid) const {
