@@ -192,10 +192,17 @@ def main():
                     for sp in forced_splits:
                         force_splits(layer, sp)
                         splits, chunk = next(iter(layer._plans.values()))
-                        t = bench(lambda: layer.decode_attention(q, impl=impl))
-                        rows.append(dict(case="forced splits", impl=impl, preset=preset, window=window,
-                                         ctx=ctx, batch=B, splits=splits, chunk=chunk, ms=t))
-                        log(f"  forced splits {splits} (chunk {chunk}): {t * 1e3:.1f} us")
+                        for sched in args.schedules.split(","):
+                            torch.use_deterministic_algorithms(sched == "fixed")
+                            torch.utils.deterministic.fill_uninitialized_memory = sched != "fixed"
+                            t = bench(lambda: layer.decode_attention(q, impl=impl))
+                            rows.append(dict(case="forced splits", impl=impl, preset=preset, window=window,
+                                             ctx=ctx, batch=B, splits=splits, chunk=chunk, ms=t,
+                                             schedule=sched, last_schedule=layer.last_schedule))
+                            log(f"  forced splits {splits} (chunk {chunk}) {sched} "
+                                f"[{layer.last_schedule}]: {t * 1e3:.1f} us")
+                        torch.use_deterministic_algorithms(False)
+                        torch.utils.deterministic.fill_uninitialized_memory = True
                 del layer, k
     env = environment(("torch", "triton", "cupy"))
     env["gpu"] = torch.cuda.get_device_name(0)
