@@ -536,7 +536,7 @@ def test_module_cache_follows_compile_variants(monkeypatch):
         assert _build.compile_defines(()) == tuple(f"-D{k}={v}" for k, v in _build.DECODE_DEFAULTS.items())
         assert _build.compile_defines(("-DTQ_TILE_SOURCE=0", "-DX=2")) == (
             "-DTQ_PRMT_LUT=1", "-DTQ_SEG_TILES=4", "-DTQ_STEAL=1", "-DTQ_SPLIT_INTERLEAVE=1",
-            "-DTQ_LATE_PREFETCH=1", "-DTQ_QPREFETCH=0", "-DTQ_FINISH_STAGE=0", "-DTQ_TILE_SOURCE=0", "-DX=2")
+            "-DTQ_LATE_PREFETCH=1", "-DTQ_TILE_SOURCE=0", "-DX=2")
     finally:
         _build.set_decode_defines(None)
         _build._get_module.cache_clear()
@@ -709,44 +709,3 @@ def test_mmt_work_stealing_and_deterministic_schedule(preset):
         assert torch.equal(f, fixed[0])
     # the two schedules sum the same terms in different orders
     assert float((outs[0] - fixed[0]).norm() / fixed[0].norm()) < 1e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("impl", ["mma", "mmt"])
-def test_decode_many_splits_finish_variants(d, impl):
-    """Past 64 / E split partials the finish either loads them in register batches or
-    (TQ_FINISH_STAGE=1) copies the later ones to shared memory first; TQ_QPREFETCH only
-    prefetches.  None of them may change a bit: with the fixed schedule all variants
-    return identical outputs, and those match the reference."""
-    torch = _gpu()
-    from tq.cuda import PackedKVLayer, _build
-    from tq.cuda.reference import attention, dequantize_layer, rel_err
-
-    rng = np.random.default_rng(11)
-    lens = [4000, 2100, 70]
-    k, v = _make_kv(torch, rng, 3, 2, max(lens), d)
-    q = torch.from_numpy(rng.standard_normal((3, 8, d)).astype(np.float32)).cuda()
-    outs = {}
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        for name, defines in (("base", ""), ("stage", "-DTQ_FINISH_STAGE=1"),
-                              ("prefetch", "-DTQ_QPREFETCH=1"),
-                              ("both", "-DTQ_QPREFETCH=2 -DTQ_FINISH_STAGE=1")):
-            _build.set_decode_defines(defines)
-            layer = PackedKVLayer(2, d, 4, 2, seed=11, window=64, batch=3, capacity=max(lens) + 8)
-            layer.append(k, v, n_valid=lens)
-            layer.decode_attention(q, out_dtype=torch.float32, impl=impl)
-            nc = max(lens) - 64
-            for key in list(layer._plans):            # 62 splits of 64 tokens
-                layer._plans[key] = (-(-nc // 64), 64)
-            outs[name] = layer.decode_attention(q, out_dtype=torch.float32, impl=impl)
-    finally:
-        _build.set_decode_defines(None)
-        torch.use_deterministic_algorithms(prev)
-    K, V, ll = dequantize_layer(layer)
-    ref = attention(q.double(), K, V, ll)
-    assert rel_err(outs["base"], ref) < 3e-3
-    for name, out in outs.items():
-        assert torch.equal(out, outs["base"]), name

@@ -2,7 +2,8 @@
 # Prologue and finish latency (2026-12-06): the query/sign prefetch (TQ_QPREFETCH=2) and the
 # staged finish (TQ_FINISH_STAGE=1) together, timed side by side with the default at batch 1
 # (32K, 128K), then the bit-equality test of the variants (d = 128).
-# Usage: OUT=dir bash benchmarks/device/latency_variants.sh [tag]
+# Measured neutral and removed again: apply benchmarks/results/decode_qprefetch_finish_stage_negative.patch
+# (git apply) to rerun.  Usage: OUT=dir bash benchmarks/device/latency_variants.sh [tag]
 set -o pipefail
 TAG=${1:-h100}
 nvidia-smi --query-gpu=name --format=csv,noheader

@@ -141,8 +141,7 @@ _DEFINES: tuple[str, ...] | None = None  # the compile-time variant; None: not r
 #   TQ_TILE_SOURCE: split warps request tiles through TileSource (decode.cu).
 #   TQ_PRMT_LUT: tq_split_mmt's byte-permute key table for K4/V4 (2: also K4/V2).
 DECODE_DEFAULTS = {"TQ_TILE_SOURCE": 1, "TQ_PRMT_LUT": 1, "TQ_SEG_TILES": 4, "TQ_STEAL": 1,
-                   "TQ_SPLIT_INTERLEAVE": 1, "TQ_LATE_PREFETCH": 1,
-                   "TQ_QPREFETCH": 0, "TQ_FINISH_STAGE": 0}
+                   "TQ_SPLIT_INTERLEAVE": 1, "TQ_LATE_PREFETCH": 1}
 
 
 def define_value(defines, name: str, default: int | None = None) -> int:

@@ -453,11 +453,6 @@ TQ_D void cp16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
 TQ_D void cp_async16(void* dst, const void* src) { cp16(smem_addr(dst), src); }
-TQ_D u32 dyn_smem_bytes() {  // this launch's dynamic shared memory per block
-  u32 n;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-  return n;
-}
 TQ_D void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
@@ -484,18 +479,6 @@ template <int N> TQ_D void cp_wait() { asm volatile("cp.async.wait_group %0;" ::
 #endif
 #ifndef TQ_LATE_PREFETCH
 #define TQ_LATE_PREFETCH 1
-#endif
-// TQ_QPREFETCH: at a split or window block's start, prefetch the lines of its group's
-// queries and the rotation signs (0: none; 1: into L2; 2: into L1 and L2), so the query
-// rotation and the finish do not wait a DRAM round trip behind the tables and tiles.
-#ifndef TQ_QPREFETCH
-#define TQ_QPREFETCH 0
-#endif
-// TQ_FINISH_STAGE=1: the finish copies the split partials past its first register batch
-// (more than 64 / E splits, batch 1) into shared memory with cp.async at its start, so
-// all partials arrive in one L2 round trip instead of one per batch (where they fit).
-#ifndef TQ_FINISH_STAGE
-#define TQ_FINISH_STAGE 0
 #endif
 // A split warp's tile source: this lane's 16-byte pieces of a 16-token tile (key codes,
 // value codes, then the key and value norms: 16 CK + 16 CV + 64 bytes, in that order in
@@ -760,32 +743,6 @@ TQ_D bool split_role(const SplitArgs& a, int& s, int& h, int& b) {
   return false;
 }
 
-// TQ_QPREFETCH: one prefetch per 128-byte line of the group's query rows and of the
-// key and value signs (2 P floats each), spread over the block's threads.
-template <int P, int NREP, int DT>
-TQ_D void prefetch_group(const SplitArgs& a, int b, int h) {
-  if constexpr (TQ_QPREFETCH != 0) {
-    typedef typename Ty<DT>::raw T;
-    const T* q = (const T*)a.q + b * a.sqb + (i64)h * NREP * a.sqh;
-    const int lpr = (int)((a.D * sizeof(T) + 127) / 128) + 1;  // lines per row (+1: unaligned rows)
-    constexpr int SL = (2 * P * 4 + 127) / 128;                // lines per sign array
-    const int n = NREP * lpr + 2 * SL;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const char* p;
-      if (i < NREP * lpr) {
-        const int r = i / lpr, l = i % lpr;
-        const char* row = (const char*)(q + r * a.sqh);
-        p = row + min(128 * l, (int)((a.D - 1) * sizeof(T)));
-      } else {
-        const int j = i - NREP * lpr;
-        p = (const char*)(j < SL ? a.ksigns : a.vsigns) + 128 * (j % SL);
-      }
-      if (TQ_QPREFETCH == 2) asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-      else asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-    }
-  }
-}
-
 // Splits of sequence b that hold compressed tokens (the others exit at once).
 TQ_D int splits_used(const SplitArgs& a, int b) {
   const int nc = max(0, a.lengths[b] - a.W);
@@ -871,25 +828,6 @@ TQ_D void finish(const SplitArgs& a, int b, int h, int nsv, int nwu) {
 #pragma unroll
     for (int u = 0; u < SB; ++u)
       if (u < nsv) ldcg_row<E>(op + (i64)u * NREP * P, v[u]);
-    // TQ_FINISH_STAGE: splits SB.. to shared memory (this lane's E floats of each, after
-    // the weights; one region per warp), where they fit; else the batches below
-    const int nstage = nsv - SB;
-    float* stg = reinterpret_cast<float*>(tq_smem) + ((NREP * max(a.splits, 1) + 3) & ~3)
-                 + warp * max(nstage, 0) * P;
-    const bool staged = TQ_FINISH_STAGE && E % 2 == 0 && nstage > 0 &&
-                        4u * (((NREP * max(a.splits, 1) + 3) & ~3) + (blockDim.x >> 5) * nstage * P) <= dyn_smem_bytes();
-    if (staged) {
-      for (int u = 0; u < nstage; ++u) {
-        const float* src = op + (i64)(SB + u) * NREP * P;
-        const u32 dst = smem_addr(stg + (u * 32 + lane) * E);
-#pragma unroll
-        for (int i = 0; i < E; i += 4) {
-          if constexpr (E % 4 == 0) cp16(dst + 4u * i, src + i);
-          else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst + 4u * i), "l"(src + i));
-        }
-      }
-      cp_commit();
-    }
     float sg0[E], sg1[E];  // value rotation signs of this lane's elements
 #pragma unroll
     for (int i = 0; i < E; ++i) { sg0[i] = __ldg(a.vsigns + E * lane + i); sg1[i] = __ldg(a.vsigns + P + E * lane + i); }
@@ -933,14 +871,7 @@ TQ_D void finish(const SplitArgs& a, int b, int h, int nsv, int nwu) {
 #pragma unroll
         for (int i = 0; i < E; ++i) acc[u][i] = 0.f;
       for (int s0 = 0; s0 < nsv; s0 += SB) {
-        if (s0 > 0 && staged) {
-          if (s0 == SB) cp_wait<0>();  // this lane's own copies: no barrier needed
-#pragma unroll
-          for (int u = 0; u < SB; ++u)
-            if (s0 + u < nsv)
-#pragma unroll
-              for (int i = 0; i < E; ++i) v[u][i] = stg[((s0 - SB + u) * 32 + lane) * E + i];
-        } else if (s0 > 0) {
+        if (s0 > 0) {
 #pragma unroll
           for (int u = 0; u < SB; ++u)
             if (s0 + u < nsv) ldcg_row<E>(op + (i64)(s0 + u) * NREP * P, v[u]);
@@ -1205,9 +1136,7 @@ __global__ void __launch_bounds__(128, TQ_MMA_MINB) tq_split_mma(TQ_SPLIT_PARAMS
 
   int s, h, b;
   trace(0);
-  const bool is_split = split_role(a, s, h, b);
-  prefetch_group<P, NREP, DT>(a, b, h);
-  if (!is_split) {
+  if (!split_role(a, s, h, b)) {
     window_block<P, NREP, DT, WT, OT>(far, b, h, s);
     return;
   }
@@ -1561,9 +1490,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
 
   int s, h, b;
   trace(0);
-  const bool is_split = split_role(a, s, h, b);
-  prefetch_group<P, NREP, DT>(a, b, h);
-  if (!is_split) {
+  if (!split_role(a, s, h, b)) {
     window_block<P, NREP, DT, WT, OT>(far, b, h, s);
     return;
   }
