@@ -41,6 +41,15 @@ def force_splits(layer, splits):
         layer._plans[k] = (-(-nc // chunk), chunk)
 
 
+def use_schedule(sched):
+    """"fixed": torch's deterministic mode, in which decode_attention takes the fixed schedule
+    (without filling every torch.empty, decode's output too); "steal": the default again."""
+    import torch
+
+    torch.use_deterministic_algorithms(sched == "fixed")
+    torch.utils.deterministic.fill_uninitialized_memory = sched != "fixed"
+
+
 PHASES = ("start", "tables", "queries", "tiles", "partial", "arrived", "finished", "empty exit",
           "staged", "scored", "values", "weights", "merged", "rotated")
 
@@ -178,31 +187,26 @@ def main():
                 layer.decode_attention(q, impl=impl)
                 plan = next(iter(layer._plans.values()), (0, 0))
                 for sched in args.schedules.split(","):
-                    torch.use_deterministic_algorithms(sched == "fixed")
-                    # (else deterministic mode fills every torch.empty, decode's output too)
-                    torch.utils.deterministic.fill_uninitialized_memory = sched != "fixed"
+                    use_schedule(sched)
                     t = bench(lambda: layer.decode_attention(q, impl=impl))
                     rows.append(dict(case="context", impl=impl, preset=preset, window=window, ctx=ctx, batch=B,
                                      splits=plan[0], chunk=plan[1], ms=t, schedule=sched))
                     log(f"{impl} {preset} W={window} ctx={ctx} {sched}: {t * 1e3:.1f} us "
                         f"(splits {plan[0]}, chunk {plan[1]})")
-                torch.use_deterministic_algorithms(False)
-                torch.utils.deterministic.fill_uninitialized_memory = True
+                use_schedule("steal")
                 if ctx in forced_at and window == 128 and not args.no_forced:
                     for sp in forced_splits:
                         force_splits(layer, sp)
                         splits, chunk = next(iter(layer._plans.values()))
                         for sched in args.schedules.split(","):
-                            torch.use_deterministic_algorithms(sched == "fixed")
-                            torch.utils.deterministic.fill_uninitialized_memory = sched != "fixed"
+                            use_schedule(sched)
                             t = bench(lambda: layer.decode_attention(q, impl=impl))
                             rows.append(dict(case="forced splits", impl=impl, preset=preset, window=window,
                                              ctx=ctx, batch=B, splits=splits, chunk=chunk, ms=t,
                                              schedule=sched, last_schedule=layer.last_schedule))
                             log(f"  forced splits {splits} (chunk {chunk}) {sched} "
                                 f"[{layer.last_schedule}]: {t * 1e3:.1f} us")
-                        torch.use_deterministic_algorithms(False)
-                        torch.utils.deterministic.fill_uninitialized_memory = True
+                        use_schedule("steal")
                 del layer, k
     env = environment(("torch", "triton", "cupy"))
     env["gpu"] = torch.cuda.get_device_name(0)

@@ -26,6 +26,8 @@ import torch  # noqa: E402
 import tq  # noqa: E402
 from tq.backends import torch_backend as TB  # noqa: E402
 
+from _common import environment  # noqa: E402
+
 
 def timed(fn, reps, cuda):
     ts = []
@@ -102,18 +104,20 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        env = dict(torch=torch.__version__, command=" ".join(["python"] + sys.argv),
-                   triton_fp_fusion=os.environ.get("TRITON_DEFAULT_FP_FUSION"))
+        env = environment(("torch", "triton", "cupy"))
+        env["gpu"] = torch.cuda.get_device_name(0) if cuda else None
+        env["triton_fp_fusion"] = os.environ.get("TRITON_DEFAULT_FP_FUSION")
         stem = os.path.join(a.out, "torch_compile_probe_" + ("gpu" if cuda else "cpu"))
         with open(stem + ".json", "w") as f:
             json.dump(dict(env=env, rows=rows), f, indent=1)
         lines = ["# torch.compile probe of the torch backend's MSE compress (hadamard, d = 128, float16 in)", ""]
         lines += [f"- {k}: {v}" for k, v in env.items()] + ["",
-                  "| bits | n | device | bytes equal (codes / norms) | rows differing | eager ms | compiled ms | CuPy ms | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| bits | n | device | compiled = eager (codes / norms) | rows differing | CuPy codes = eager | "
+                  "eager ms | compiled ms | CuPy ms | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['bits']} | {r['n']} | {r['device']} | {r['codes_equal']} / {r['norms_equal']} | "
-                         f"{r['rows_differing']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
+                         f"{r['rows_differing']} | {r.get('cupy_codes_equal', '-')} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
                          f"{r.get('cupy_ms', float('nan')):.2f} | {r['compile_s']:.1f} |")
         with open(stem + ".md", "w") as f:
             f.write("\n".join(lines) + "\n")

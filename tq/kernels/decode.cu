@@ -1495,7 +1495,7 @@ __global__ void __launch_bounds__(128, MINB) tq_split_mmt(TQ_SPLIT_PARAMS) {
     return;
   }
   const float cent = load_centroid<KB, VB>(a.kcents, a.vcents);
-  const int len = a.lengths[b];  // (its load overlaps the centroids' and the tables')
+  const int len = a.lengths[b];  // (its load overlaps the centroids')
   const int start = s * a.chunk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
