@@ -8,6 +8,8 @@
           K4/V4 K3/V3 K4/V2 K3/V2 (mma and fma kernels) vs torch SDPA on a bf16 cache of
           the same shape (enable_gqa, fastest backend), medians by triton do_bench
           (L2 flushed between runs)
+--stream  a model's decode step as the GPU sees it: L distinct layers back to back in one
+          CUDA graph, ms per layer for SDPA and the packed layers (beside per-call times)
 --kernels per-kernel GPU time of a decode call (torch profiler) at a few shapes
 --big     a cache over 4 GiB per section (64-bit offsets), checked against float64
 --e2e     Llama-3-8B-shaped model with random weights: 128 greedy tokens after a
@@ -335,6 +337,108 @@ def run_timing(rows, contexts, batches, presets, impls, extra_impls=(), extra_at
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------- stream
+def stream_layer_count(compressed_bytes: int, bf16_bytes: int, l2_bytes: int, free_bytes: int,
+                       lo: int = 4, hi: int = 32) -> int:
+    """Layers for a back-to-back stream: enough that the compressed caches together are 4x the
+    L2 (no layer finds its bytes still cached), at most `hi`, and the bf16 caches within half of
+    the free memory (0 when not even 2 fit)."""
+    want = min(hi, max(lo, math.ceil(4 * l2_bytes / max(1, compressed_bytes))))
+    fit = int(0.5 * free_bytes // max(1, bf16_bytes))
+    return min(want, fit) if fit >= 2 else 0
+
+
+def run_stream(rows, contexts, batches, presets, impl="auto"):
+    """A model's decode step as the GPU runs it: L distinct layers' attention back to back in one
+    CUDA graph, per-layer time = replay / L, for SDPA on bf16 caches and for the packed layers,
+    side by side with the per-call do_bench time of the first layer (which adds the timer's
+    fixed cost of one isolated op to both sides)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from tq.cuda import PRESETS, PackedKVLayer
+    from tq.cuda.layout import decode_bytes_read
+
+    log("== stream (L layers back to back in one CUDA graph)")
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 50 << 20))
+
+    def graph_of(calls):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for c in calls:
+                c()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        torch.cuda.synchronize()
+        return g
+
+    for ctx in contexts:
+        for b in batches:
+            bf16_bytes = 2 * b * HKV * ctx * D * 2
+            small = min(decode_bytes_read([ctx] * b, WINDOW, HKV, D, *PRESETS[p]) for p in presets)
+            nl = stream_layer_count(small, bf16_bytes, l2, torch.cuda.mem_get_info()[0])
+            if nl == 0:
+                log(f"  skip ctx={ctx} B={b}: two bf16 caches do not fit")
+                continue
+            ks = [torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(nl)]
+            vs = [torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16) for _ in range(nl)]
+            q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+            t_sdpa_call, be, _ = sdpa_best(q, ks[0], vs[0])
+            backend = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                       "cudnn": "CUDNN_ATTENTION"}.get(be)
+
+            def sdpa(i):
+                def fn():
+                    if backend is None:
+                        return F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+                    with sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+                        return F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+                return fn
+            g_sdpa = graph_of([sdpa(i) for i in range(nl)])
+            t_sdpa = bench(g_sdpa.replay) / nl
+            rows.append(dict(kind="stream", ctx=ctx, batch=b, cache="bf16", impl=f"SDPA ({be})", layers=nl,
+                             ms=t_sdpa, ms_call=t_sdpa_call, bytes=bf16_bytes, gbps=bf16_bytes / t_sdpa / 1e6))
+            log(f"  ctx={ctx} B={b} L={nl}: SDPA {t_sdpa:.4f} ms/layer in the stream, {t_sdpa_call:.4f} ms per call ({be})")
+            for preset in presets:
+                kb, vb = PRESETS[preset]
+                layers = []
+                for i in range(nl):
+                    lay = PackedKVLayer(HKV, D, kb, vb, seed=1, window=WINDOW, batch=b, capacity=ctx + 64)
+                    fill_layer(lay, ks[i], vs[i], step=16384)
+                    layers.append(lay)
+                qf = q[:, :, 0]
+                outs = [torch.empty(b, HQ, D, device="cuda", dtype=torch.bfloat16) for _ in range(nl)]
+                calls = [lambda i=i: layers[i].decode_attention(qf, out=outs[i], impl=impl) for i in range(nl)]
+                t_call = bench(calls[0])
+                g = graph_of(calls)
+                ms = bench(g.replay) / nl
+                del g
+                nbytes = decode_bytes_read([ctx] * b, WINDOW, HKV, D, kb, vb)
+                rows.append(dict(kind="stream", ctx=ctx, batch=b, cache=preset, impl=impl, layers=nl, ms=ms,
+                                 ms_call=t_call, bytes=nbytes, gbps=nbytes / ms / 1e6,
+                                 speedup=t_sdpa / ms, speedup_call=t_sdpa_call / t_call))
+                log(f"    {preset}: {ms:.4f} ms/layer in the stream, x{t_sdpa / ms:.2f} vs SDPA; per call {t_call:.4f} ms,"
+                    f" x{t_sdpa_call / t_call:.2f}")
+                del layers, outs, calls
+                torch.cuda.empty_cache()
+            # SDPA again after the packed layers: the ratios above use its faster time of the two
+            sd = next(r for r in reversed(rows) if r["kind"] == "stream" and r["cache"] == "bf16")
+            sd["ms_after"] = bench(g_sdpa.replay) / nl
+            if sd["ms_after"] < sd["ms"]:
+                for r in rows:
+                    if r["kind"] == "stream" and (r["ctx"], r["batch"]) == (ctx, b) and "speedup" in r:
+                        r["speedup"] = sd["ms_after"] / r["ms"]
+            log(f"  SDPA again: {sd['ms_after']:.4f} ms/layer in the stream")
+            del g_sdpa, ks, vs
+            torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------- kernels
 def run_kernels(rows, configs=((4096, 1), (32768, 1), (32768, 8), (131072, 8)),
                 presets=("K4/V4", "K3/V2"), calls=20):
@@ -546,6 +650,21 @@ def markdown(env, rows):
         out += ["", "| per-kernel GPU time (torch profiler, median of 20 calls) | µs |", "|---|---|"]
         for r in ker:
             out.append(f"| {r['ctx']} x {r['batch']} {r['preset']} | " + ", ".join(f"{n} {t:.1f}" for n, t in r["us"].items()) + " |")
+    stream = [r for r in rows if r["kind"] == "stream"]
+    if stream:
+        out += ["", "Back to back (`--stream`): L distinct layers' attention in one CUDA graph, time per layer "
+                "(replay / L); SDPA timed before and after the packed layers, the faster one counts. Per call: "
+                "do_bench of one isolated call, as in the table above.", "",
+                "| context | batch | cache | kernel | layers | ms/layer | GB/s | speed-up | per call (ms) | speed-up per call |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in stream:
+            if r["cache"] == "bf16":
+                both = f"{r['ms']:.4f}" + (f" / {r['ms_after']:.4f}" if "ms_after" in r else "")
+                out.append(f"| {r['ctx']} | {r['batch']} | bf16 | {r['impl']} | {r['layers']} | {both} | "
+                           f"{r['gbps']:.0f} | 1.00 | {r['ms_call']:.4f} | 1.00 |")
+            else:
+                out.append(f"| {r['ctx']} | {r['batch']} | {r['cache']} | {r['impl']} | {r['layers']} | {r['ms']:.4f} | "
+                           f"{r['gbps']:.0f} | {r['speedup']:.2f} | {r['ms_call']:.4f} | {r['speedup_call']:.2f} |")
     e2e = [r for r in rows if r["kind"] in ("e2e", "maxctx")]
     if e2e:
         out += ["", "| end to end | value |", "|---|---|"]
@@ -564,6 +683,8 @@ def main():
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--stream", action="store_true",
+                    help="layers back to back in one CUDA graph (--contexts, --batches, --presets)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--batches", default="1,8,32")
@@ -624,6 +745,10 @@ def main():
                        a.presets.split(","), a.impls.split(","), [x for x in a.extra_impls.split(",") if x],
                        [tuple(int(y) for y in x.split(":")) for x in a.extra_at.split(",") if x],
                        parse_variants(a.variants))
+            save()
+        if a.stream:
+            run_stream(rows, [int(x) for x in a.contexts.split(",")], [int(x) for x in a.batches.split(",")],
+                       a.presets.split(","))
             save()
         if a.e2e:
             run_e2e(rows, layers=a.e2e_layers)
