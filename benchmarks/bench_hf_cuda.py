@@ -5,7 +5,11 @@
 Random weights in the Llama-3-8B shape (hidden 4096, 32 query / 8 KV heads,
 head_dim 128), ``--layers`` of them: speed does not depend on the weights.
 Decode time per token = (time of generate(new + 1) - time of generate(1)) / new,
-median of ``--reps``. Writes hf_cuda_decode.{md,json} to --out (default benchmarks/results).
+median of ``--reps`` repetitions interleaved across the caches, after one full-length
+warm-up of each (allocator pool, kernel compilation). ``--host-profile`` adds the host
+(CPU) time of a decode step by part: the model's forward, its attention modules, the
+cache's update and the fused attention call. Writes hf_cuda_decode_b{batch}.{md,json}
+to --out (default benchmarks/results).
 """
 from __future__ import annotations
 
@@ -50,6 +54,62 @@ def timed_generate(model, ids, new, make_cache):
     return time.perf_counter() - t0, cache
 
 
+class _HostClock:
+    """Accumulated host seconds of wrapped callables (no device sync: CPU cost only)."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def wrap(self, key, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total[key] = self.total.get(key, 0.0) + time.perf_counter() - t0
+        return timed
+
+
+def host_profile(model, ids, makers, steps):
+    """Host ms per decode step in the model's forward, its attention modules, the cache's update
+    and (fused layers) the attention call, measured by wrapping them on the instances."""
+    res = {"steps": steps, "caches": {}}
+    attn_mods = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    for name, mk in makers.items():
+        cache = mk()
+        if isinstance(cache, TurboQuantCache):
+            tq.hf.enable(model, cache)
+        else:
+            tq.hf.disable(model)
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        clock = _HostClock()
+        saved = [(m, m.forward) for m in attn_mods]
+        for m in attn_mods:
+            m.forward = clock.wrap("attn", m.forward)
+        cache.update = clock.wrap("update", cache.update)
+        for lay in cache.layers:
+            if hasattr(lay, "attend"):
+                lay.attend = clock.wrap("attend", lay.attend)
+        fwd = clock.wrap("forward", model.forward)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                out = fwd(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+        for m, f in saved:
+            m.forward = f
+        res["caches"][name] = {"wall": wall * 1e3, **{k: v / steps * 1e3 for k, v in clock.total.items()}}
+        print(f"host {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res["caches"][name].items()), flush=True)
+        del cache, out
+        torch.cuda.empty_cache()
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=32768)
@@ -57,6 +117,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also: host (CPU) time per decode step spent in the model, attention modules, cache")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     model = build(args.layers)
@@ -67,15 +129,25 @@ def main():
         "TurboQuantCache K4V4 fused": lambda: TurboQuantCache(model.config, "K4V4", sinks=0, fused=True, capacity=cap),
         "TurboQuantCache K3V2 fused": lambda: TurboQuantCache(model.config, "K3V2", sinks=0, fused=True, capacity=cap),
     }
-    rows = []
-    for name, make in configs.items():
-        mk = (lambda: __import__("transformers").DynamicCache()) if make() is None else make
-        timed_generate(model, ids[:1, :1024], 4, mk)  # warm-up: compilation, allocator
-        per_tok = []
-        for _ in range(args.reps):
+    makers = {name: ((lambda: __import__("transformers").DynamicCache()) if make() is None else make)
+              for name, make in configs.items()}
+    # Warm-up per cache at the full size: compilation, and the caching allocator's pool (the
+    # first full-length run of DynamicCache grows it by one block per step and layer, which
+    # made a first repetition 4x slower than the next in earlier runs of this script).
+    for mk in makers.values():
+        timed_generate(model, ids[:1, :1024], 4, mk)
+        timed_generate(model, ids, args.new + 1, mk)
+    # Repetitions interleaved across the caches (A B C A B C ...), so drift hits all alike.
+    runs = {name: [] for name in makers}
+    caches = {}
+    for _ in range(args.reps):
+        for name, mk in makers.items():
             t1, _ = timed_generate(model, ids, 1, mk)
-            tn, cache = timed_generate(model, ids, args.new + 1, mk)
-            per_tok.append((tn - t1) / args.new)
+            tn, caches[name] = timed_generate(model, ids, args.new + 1, mk)
+            runs[name].append((tn - t1) / args.new)
+    rows = []
+    for name, cache in caches.items():
+        per_tok = runs[name]
         if isinstance(cache, TurboQuantCache):
             nbytes, per_token = cache.nbytes(), cache.compressed_bytes_per_token() * args.batch
         else:
@@ -85,27 +157,38 @@ def main():
         rows.append(dict(cache=name, decode_ms_per_token=ms, tokens_per_s=1e3 / ms, cache_bytes=nbytes,
                          bytes_per_token_asymptotic=per_token, runs_ms=[x * 1e3 for x in per_tok]))
         print(f"{name:<30} {ms:8.3f} ms/token  {1e3 / ms:7.1f} tok/s  cache {nbytes / 2**20:8.1f} MiB  "
-              f"{per_token} B/token", flush=True)
-        del cache
-        torch.cuda.empty_cache()
+              f"{per_token} B/token  runs {' '.join(f'{x * 1e3:.2f}' for x in per_tok)}", flush=True)
+    del caches
+    torch.cuda.empty_cache()
+    host = host_profile(model, ids, makers, min(args.new, 32)) if args.host_profile else {}
     base = rows[0]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     free = torch.cuda.get_device_properties(0).total_memory * 0.9 - weights
     lines = [f"End-to-end decode, {args.layers} layers of Llama-3-8B shape (random weights, bf16), batch {args.batch}, "
-             f"{args.context}-token prompt, {args.new} new tokens, median of {args.reps}.", "",
-             "| cache | ms/token | tokens/s | speed-up | cache bytes | bytes/token | max context per sequence in 90% of GPU memory |",
-             "|---|---|---|---|---|---|---|"]
+             f"{args.context}-token prompt, {args.new} new tokens, median of {args.reps} repetitions interleaved "
+             f"across the caches after a full-length warm-up of each.", "",
+             "| cache | ms/token | tokens/s | speed-up | cache bytes | bytes/token | max context per sequence in 90% of GPU memory | runs (ms/token) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         r["speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
         r["max_context_tokens"] = int(free // r["bytes_per_token_asymptotic"])
         lines.append(f"| {r['cache']} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['cache_bytes'] / 2**20:.1f} MiB | {r['bytes_per_token_asymptotic']} | {r['max_context_tokens']:,} |")
+                     f"{r['cache_bytes'] / 2**20:.1f} MiB | {r['bytes_per_token_asymptotic']} | {r['max_context_tokens']:,} | "
+                     + " ".join(f"{x:.2f}" for x in r["runs_ms"]) + " |")
+    if host:
+        lines += ["", f"Host (CPU) time per decode step, {host['steps']} steps after the prompt, no device sync inside "
+                  "a step (wall: the whole step with its end synchronized):", "",
+                  "| cache | wall ms/step | model forward (host) | attention modules (host) | cache update (host) | fused attend (host) |",
+                  "|---|---|---|---|---|---|"]
+        for name, h in host["caches"].items():
+            lines.append(f"| {name} | {h['wall']:.2f} | {h['forward']:.2f} | {h['attn']:.2f} | {h['update']:.2f} | "
+                         + (f"{h['attend']:.2f}" if h.get("attend") else "–") + " |")
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "command": " ".join(sys.argv)}
     out = Path(os.environ.get("OUT", args.out)) if args.out == "$OUT" else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"hf_cuda_decode_b{args.batch}"
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "host": host}, indent=1))
     (out / f"{stem}.md").write_text(f"# {stem}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
                                            + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
