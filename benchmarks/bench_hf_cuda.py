@@ -40,7 +40,17 @@ def build(layers):
     return model
 
 
-def timed_generate(model, ids, new, make_cache):
+def cache_size(cache, batch, layers):
+    """(bytes held now, asymptotic bytes per generated token) of a cache after a run."""
+    if isinstance(cache, TurboQuantCache):
+        return cache.nbytes(), cache.compressed_bytes_per_token() * batch
+    nbytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+    return nbytes, layers * 8 * 128 * 2 * 2 * batch
+
+
+def timed_generate(model, ids, new, make_cache, keep=False):
+    """Seconds of one generate call; with ``keep``, also the cache's size (the cache itself is
+    dropped before returning: holding one per configuration ran batch 8 out of memory)."""
     cache = make_cache()
     if isinstance(cache, TurboQuantCache):
         tq.hf.enable(model, cache)
@@ -51,7 +61,10 @@ def timed_generate(model, ids, new, make_cache):
     with torch.no_grad():
         model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, cache
+    dt = time.perf_counter() - t0
+    size = cache_size(cache, ids.shape[0], model.config.num_hidden_layers) if keep else None
+    del cache
+    return dt, size
 
 
 class _HostClock:
@@ -68,6 +81,28 @@ class _HostClock:
             finally:
                 self.total[key] = self.total.get(key, 0.0) + time.perf_counter() - t0
         return timed
+
+
+def profile_steps(model, cache, tok, steps, top=30):
+    """cProfile of ``steps`` decode steps: the ``top`` functions by own time, in us per step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append(dict(function=f"{Path(file).name}:{line}({fn})", calls_per_step=nc / steps,
+                         own_us_per_step=tt / steps * 1e6, cum_us_per_step=ct / steps * 1e6))
+    rows.sort(key=lambda r: -r["own_us_per_step"])
+    return rows[:top]
 
 
 def host_profile(model, ids, makers, steps):
@@ -104,6 +139,7 @@ def host_profile(model, ids, makers, steps):
         for m, f in saved:
             m.forward = f
         res["caches"][name] = {"wall": wall * 1e3, **{k: v / steps * 1e3 for k, v in clock.total.items()}}
+        res.setdefault("profile", {})[name] = profile_steps(model, cache, tok, steps)
         print(f"host {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res["caches"][name].items()), flush=True)
         del cache, out
         torch.cuda.empty_cache()
@@ -139,26 +175,20 @@ def main():
         timed_generate(model, ids, args.new + 1, mk)
     # Repetitions interleaved across the caches (A B C A B C ...), so drift hits all alike.
     runs = {name: [] for name in makers}
-    caches = {}
+    sizes = {}
     for _ in range(args.reps):
         for name, mk in makers.items():
             t1, _ = timed_generate(model, ids, 1, mk)
-            tn, caches[name] = timed_generate(model, ids, args.new + 1, mk)
+            tn, sizes[name] = timed_generate(model, ids, args.new + 1, mk, keep=True)
             runs[name].append((tn - t1) / args.new)
     rows = []
-    for name, cache in caches.items():
+    for name, (nbytes, per_token) in sizes.items():
         per_tok = runs[name]
-        if isinstance(cache, TurboQuantCache):
-            nbytes, per_token = cache.nbytes(), cache.compressed_bytes_per_token() * args.batch
-        else:
-            nbytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
-            per_token = args.layers * 8 * 128 * 2 * 2 * args.batch
         ms = statistics.median(per_tok) * 1e3
         rows.append(dict(cache=name, decode_ms_per_token=ms, tokens_per_s=1e3 / ms, cache_bytes=nbytes,
                          bytes_per_token_asymptotic=per_token, runs_ms=[x * 1e3 for x in per_tok]))
         print(f"{name:<30} {ms:8.3f} ms/token  {1e3 / ms:7.1f} tok/s  cache {nbytes / 2**20:8.1f} MiB  "
               f"{per_token} B/token  runs {' '.join(f'{x * 1e3:.2f}' for x in per_tok)}", flush=True)
-    del caches
     torch.cuda.empty_cache()
     host = host_profile(model, ids, makers, min(args.new, 32)) if args.host_profile else {}
     base = rows[0]
@@ -183,7 +213,14 @@ def main():
         for name, h in host["caches"].items():
             lines.append(f"| {name} | {h['wall']:.2f} | {h['forward']:.2f} | {h['attn']:.2f} | {h['update']:.2f} | "
                          + (f"{h['attend']:.2f}" if h.get("attend") else "–") + " |")
+    for name, prof in (host.get("profile") or {}).items():
+        lines += ["", f"cProfile of {host['steps']} decode steps with {name} (own time; the profiler inflates "
+                  "Python-heavy functions, so compare rows, not totals):", "",
+                  "| function | calls/step | own us/step | cumulative us/step |", "|---|---|---|---|"]
+        lines += [f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['own_us_per_step']:.0f} | "
+                  f"{r['cum_us_per_step']:.0f} |" for r in prof[:20]]
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
            "transformers": __import__("transformers").__version__, "command": " ".join(sys.argv)}
     out = Path(os.environ.get("OUT", args.out)) if args.out == "$OUT" else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,8 @@ HQ, HKV, D = 32, 8, 128
 
 
 def force_splits(layer, splits):
-    """Make the layer's next launches use `splits` blocks per (sequence, kv head)."""
-    nc = max(0, int(layer._host_len.max()) - layer.window)
-    chunk = -(-nc // splits)
-    chunk = -(-chunk // 64) * 64
-    for k in list(layer._plans):
-        layer._plans[k] = (-(-nc // chunk), chunk)
+    """Make the layer's next launches use `splits` blocks per (sequence, kv head) (None: the planner's)."""
+    layer.split_override = splits
 
 
 def use_schedule(sched):
@@ -67,7 +63,7 @@ def trace_launch(layer, q, impl):
     layer.decode_attention(q, impl=impl)
     torch.cuda.synchronize()
     tr = cp.asnumpy(buf).astype(np.int64)
-    splits = layer._plans[next(iter(layer._plans))][0]
+    splits = layer.last_plan[1]
     wblocks = [v for k, v in layer._smem_plans.items() if k[3] == splits][-1][1]  # key: (module, impl, nrep, splits)
     pairs = layer.num_kv_heads * layer.batch
     nblk = (splits + wblocks) * pairs
@@ -185,7 +181,7 @@ def main():
                 k = torch.randn(B, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
                 layer.append(k, torch.randn_like(k))
                 layer.decode_attention(q, impl=impl)
-                plan = next(iter(layer._plans.values()), (0, 0))
+                plan = layer.last_plan[1:]
                 for sched in args.schedules.split(","):
                     use_schedule(sched)
                     t = bench(lambda: layer.decode_attention(q, impl=impl))
@@ -197,7 +193,8 @@ def main():
                 if ctx in forced_at and window == 128 and not args.no_forced:
                     for sp in forced_splits:
                         force_splits(layer, sp)
-                        splits, chunk = next(iter(layer._plans.values()))
+                        layer.decode_attention(q, impl=impl)
+                        splits, chunk = layer.last_plan[1:]
                         for sched in args.schedules.split(","):
                             use_schedule(sched)
                             t = bench(lambda: layer.decode_attention(q, impl=impl))
@@ -207,6 +204,7 @@ def main():
                             log(f"  forced splits {splits} (chunk {chunk}) {sched} "
                                 f"[{layer.last_schedule}]: {t * 1e3:.1f} us")
                         use_schedule("steal")
+                    force_splits(layer, None)
                 del layer, k
     env = environment(("torch", "triton", "cupy"))
     env["gpu"] = torch.cuda.get_device_name(0)

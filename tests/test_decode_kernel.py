@@ -77,6 +77,26 @@ def test_plan_splits_model():
             assert sp * batch * 8 <= 132 * bps
 
 
+def test_bucketed_plan_is_exact_at_every_length():
+    """decode_attention searches the split count once per length bucket (plan_bucket) and fits
+    the chunk to the current length (exact_split): the splits must still cover every token
+    in 64-aligned chunks, the bucket sit within 1/32 above the length, and at the lengths the
+    planner's tests pin down the bucketed plan launch the same splits."""
+    for nc in list(range(0, 5000)) + [32640, 130944, 10**6 + 7]:
+        b = L.plan_bucket(nc)
+        assert nc <= b <= nc + max(64, nc / 32) and b % 64 == 0, (nc, b)
+        if nc:
+            assert L.plan_bucket(b) == b   # a bucket's top belongs to the bucket
+        for batch in (1, 8, 32):
+            sp = L.plan_splits(b, batch, 8)[0]
+            c = L.exact_split(sp, nc)
+            assert L.splits_math_ok(-(-nc // c) if nc else sp, c, nc), (nc, sp, c)
+            assert sp * c >= nc and (nc == 0 or sp * (c - 64) < nc)
+    assert L.plan_splits(L.plan_bucket(32640), 1, 8)[0] == 32
+    assert L.plan_splits(L.plan_bucket(130944), 1, 8)[0] == 32
+    assert L.plan_splits(L.plan_bucket(32640), 32, 8)[0] == 3
+
+
 def _emulate_lut8(x: np.ndarray, tab: np.ndarray, bits: int) -> np.ndarray:
     """NumPy model of tq_lut8 (decode_common.cuh): 8 codes per int -> 8 fp16 bit patterns."""
     def prmt(a, b, s):
@@ -668,6 +688,41 @@ def test_work_stealing_rule():
     assert not rule("mmt", 128, 600, 132, 4)        # more than one wave
     assert not rule("mma", 128, 384, 132, 3) and not rule("fma", 128, 384, 132, 4)
     assert not rule("mmt", 256, 384, 132, 3)        # two warps share a token group
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "mma", "fma"])
+def test_decode_token_by_token_reuses_plans(impl):
+    """Decoding token by token reuses one launch plan per length bucket and one launcher per
+    split count (the chunk is rewritten per call): every step across bucket boundaries, with
+    the planner's splits, forced splits that leave trailing blocks empty, and a fixed
+    ``max_len``, matches the reference."""
+    torch = _gpu()
+    from tq.cuda import PackedKVLayer
+    from tq.cuda.reference import attention, dequantize_layer, rel_err
+
+    rng = np.random.default_rng(11)
+    lens = [1000, 700]
+    layer = PackedKVLayer(2, 128, 3, 2, seed=3, window=64, batch=2, capacity=1400)
+    k, v = _make_kv(torch, rng, 2, 2, max(lens), 128)
+    layer.append(k, v, n_valid=lens)
+    tol = 2e-5 if impl == "fma" else 3e-3
+    plans = set()
+    for step in range(150):
+        k1, v1 = _make_kv(torch, rng, 2, 2, 1, 128)
+        layer.append(k1, v1)
+        q = torch.from_numpy(rng.standard_normal((2, 8, 128)).astype(np.float32)).cuda()
+        layer.split_override = 7 if step % 3 == 1 else None
+        max_len = 1300 if step % 3 == 2 else None
+        out = layer.decode_attention(q, out_dtype=torch.float32, impl=impl, max_len=max_len)
+        plans.add(layer.last_plan)
+        if step % 10 == 0 or step % 3 == 1:
+            K, V, ll = dequantize_layer(layer)
+            err = rel_err(out, attention(q.double(), K, V, ll))
+            assert err < tol, (step, layer.last_plan, err)
+    layer.split_override = None
+    assert len(layer._plans) <= 4          # three buckets crossed (and max_len's)
+    assert len(plans) > 3                  # ... while the chunk followed the length
 
 
 @pytest.mark.gpu

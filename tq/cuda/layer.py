@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _build as B
 from .layout import (_check_bits, _check_head_dim, compressed_rows, fma_smem_bytes, layer_nbytes,
-                     lut_words, mma_smem_bytes, mmt_smem_bytes, padded_dim, plan_splits,
+                     lut_words, mma_smem_bytes, mmt_smem_bytes, padded_dim, plan_splits, plan_bucket, exact_split,
                      quantizer_config, split_smem_plan, choose_split_kernel,
                      use_work_stealing)
 
@@ -99,8 +99,9 @@ class PackedKVLayer:
         #: the schedule of the last decode launch: "steal" or "fixed" (decode_attention)
         self.last_schedule: str | None = None
         self._host_len = np.zeros(self.batch, np.int64)
+        self._max_len = 0
         self._ws: dict = {}
-        self._plans: dict = {}       # (nc_max, blocks per SM, impl, n_rep) -> (splits, chunk)
+        self._plans: dict = {}       # (plan_bucket(nc_max), blocks per SM, impl, n_rep) -> splits
         self._smem_plans: dict = {}  # (module id, impl, n_rep, splits) -> (shared memory, window blocks)
         self._launchers: dict = {}
         self._sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -110,6 +111,11 @@ class PackedKVLayer:
     def seq_lengths(self) -> list[int]:
         """Tokens held per sequence (host mirror; no device sync)."""
         return [int(x) for x in self._host_len]
+
+    @property
+    def max_length(self) -> int:
+        """Tokens held by the longest sequence (host mirror; no device sync)."""
+        return self._max_len
 
     def nbytes(self) -> int:
         """Every device byte this layer allocated (codes, norms, window, lengths)."""
@@ -139,6 +145,12 @@ class PackedKVLayer:
 
     def _stream(self):
         return B.cupy_stream(self._torch.cuda.current_stream(self.device))
+
+    #: force this many splits per (sequence, kv head) in decode_attention (benchmarks and
+    #: probes; None: the planner's choice, tq.cuda.layout.plan_splits)
+    split_override: int | None = None
+    #: (kernel, splits, chunk) of the last decode launch
+    last_plan: tuple | None = None
 
     #: "raw" launches through cuLaunchKernel with per-call-site ctypes parameters
     #: (low host overhead); "cupy" through CuPy's RawKernel call.  Falls back to
@@ -190,6 +202,7 @@ class PackedKVLayer:
     def reset(self) -> None:
         self.lengths.zero_()
         self._host_len[:] = 0
+        self._max_len = 0
 
     def reorder(self, index) -> None:
         """Reorder/select sequences along the batch (beam search); same batch size."""
@@ -200,6 +213,7 @@ class PackedKVLayer:
         for name in ("kcodes", "vcodes", "knorms", "vnorms", "kwin", "vwin", "lengths"):
             getattr(self, name).copy_(getattr(self, name).index_select(0, index))
         self._host_len = self._host_len[index.cpu().numpy()]
+        self._max_len = int(self._host_len.max())
 
     # ------------------------------------------------------------ append
     def append(self, k, v, n_valid=None) -> None:
@@ -237,8 +251,9 @@ class PackedKVLayer:
                 raise ValueError(f"n_valid must be {self.batch} ints in [0, {tn}]")
             nv_dev = t.tensor(nv.astype(np.int32), device=self.device)
         new_len = self._host_len + nv
-        if int(new_len.max()) > self.capacity:
-            raise ValueError(f"append would hold {int(new_len.max())} tokens; capacity is {self.capacity}")
+        new_max = int(new_len.max())
+        if new_max > self.capacity:
+            raise ValueError(f"append would hold {new_max} tokens; capacity is {self.capacity}")
         mod = self._module("store")
 
         def common():
@@ -264,6 +279,7 @@ class PackedKVLayer:
         else:
             self.lengths.add_(nv_dev)
         self._host_len = new_len
+        self._max_len = new_max
 
     # ------------------------------------------------------------ decode
     def _base_smem(self, which: str, nrep: int, mod) -> int:
@@ -356,7 +372,7 @@ class PackedKVLayer:
             raise ValueError("out must be [batch, H_q, head_dim] of out_dtype with unit last stride")
         scale = (1.0 / math.sqrt(self.head_dim)) if scaling is None else float(scaling)
         qscale = B.f32(scale * LOG2E)
-        longest = int(self._host_len.max())
+        longest = self._max_len
         if max_len is not None:
             if int(max_len) < longest:
                 raise ValueError(f"max_len={max_len} is below the longest sequence ({longest})")
@@ -367,13 +383,18 @@ class PackedKVLayer:
             impl = self.auto_impl(nrep, nc_max, mod)
         which = impl
         bps = self._blocks_per_sm(which, mod)
-        plan = self._plans.get((nc_max, bps, which, nrep))
-        if plan is None:
-            _, wblocks = self._smem_plan(which, nrep, 0, mod)  # the window plan does not depend on the splits
-            plan = plan_splits(nc_max, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=bps,
-                               window_blocks=wblocks if self.window > 0 else 0)
-            self._plans[(nc_max, bps, which, nrep)] = plan
-        splits, chunk = plan
+        splits = self.split_override
+        if splits is None:
+            bucket = plan_bucket(nc_max)  # the split count is searched once per bucket, not per token
+            pkey = (bucket, bps, which, nrep)
+            splits = self._plans.get(pkey)
+            if splits is None:
+                _, wblocks = self._smem_plan(which, nrep, 0, mod)  # the window plan does not depend on the splits
+                splits = plan_splits(bucket, self.batch, self.num_kv_heads, self._sms, blocks_per_sm=bps,
+                                     window_blocks=wblocks if self.window > 0 else 0)[0]
+                self._plans[pkey] = splits
+        chunk = exact_split(splits, nc_max)
+        self.last_plan = (which, splits, chunk)
         H, P = self.num_kv_heads, self.p
         smod = self._module("decode_v1", nrep, qt, ot) if which == "mma_v1" else mod
         smem, wblocks = self._smem_plan(which, nrep, splits, mod)
@@ -406,7 +427,7 @@ class PackedKVLayer:
         # sequence); the last block of each pair to finish writes the output
         # (tq/kernels/decode.cu, split_role / arrive_last)
         self._launch(smod, which, ((splits + wblocks) * H * self.batch,), (128,), sargs, smem,
-                     key=(which, nrep, qt, ot, splits, chunk, steals),
-                     updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart),
+                     key=(which, nrep, qt, ot, splits, steals),
+                     updates=((0, qptr), (1, qs0), (2, qs1), (13, opart), (14, mpart), (15, lpart), (20, chunk),
                               (22, float(qscale)), (24, wpart), (28, optr), (29, so0), (30, so1)))
         return out[:, :, None] if squeeze else out

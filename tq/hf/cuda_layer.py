@@ -88,10 +88,11 @@ class FusedCudaLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._prefill = self.get_seq_length() == 0
-        if self.get_seq_length() + key_states.shape[-2] > self.fused.capacity:
+        held = self.fused.max_length
+        self._prefill = held == 0
+        if held + key_states.shape[-2] > self.fused.capacity:
             raise ValueError(
-                f"layer {self.layer_idx}: {self.get_seq_length() + key_states.shape[-2]} tokens exceed the fused "
+                f"layer {self.layer_idx}: {held + key_states.shape[-2]} tokens exceed the fused "
                 f"cache capacity {self.fused.capacity}; pass a larger `capacity=` to TurboQuantCache")
         if not self._prefill and key_states.shape[-2] != 1:
             raise NotImplementedError(
@@ -125,7 +126,7 @@ class FusedCudaLayer(DynamicLayer):
 
     # ------------------------------------------------------------ protocol
     def get_seq_length(self) -> int:
-        return max(self.fused.seq_lengths) if self.fused is not None else 0
+        return self.fused.max_length if self.fused is not None else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
