@@ -1,6 +1,6 @@
 """End-to-end decode speed on CUDA: model.generate with TurboQuantCache (fused kernels) vs DynamicCache.
 
-    python benchmarks/bench_hf_cuda.py [--context 32768] [--new 64] [--layers 8] [--out DIR]
+    python benchmarks/bench_hf_cuda.py [--context 32768] [--new 64] [--layers 8] [--graphs] [--out DIR]
 
 Random weights in the Llama-3-8B shape (hidden 4096, 32 query / 8 KV heads,
 head_dim 128), ``--layers`` of them: speed does not depend on the weights.
@@ -8,7 +8,9 @@ Decode time per token = (time of generate(new + 1) - time of generate(1)) / new,
 median of ``--reps`` repetitions interleaved across the caches, after one full-length
 warm-up of each (allocator pool, kernel compilation). ``--host-profile`` adds the host
 (CPU) time of a decode step by part: the model's forward, its attention modules, the
-cache's update and the fused attention call. Writes hf_cuda_decode_b{batch}.{md,json}
+cache's update and the fused attention call. ``--graphs`` adds the decode steps replayed
+from a CUDA graph (tq.hf.CudaGraphDecoder) for TurboQuantCache and, as the bf16 baseline,
+StaticCache. Writes hf_cuda_decode_b{batch}.{md,json}
 to --out (default benchmarks/results).
 """
 from __future__ import annotations
@@ -40,17 +42,23 @@ def build(layers):
     return model
 
 
+#: tokens of the short graphed run: prefill, two warm-up steps, the capture, one replay
+GRAPH_SHORT = 4
+
+
 def cache_size(cache, batch, layers):
     """(bytes held now, asymptotic bytes per generated token) of a cache after a run."""
     if isinstance(cache, TurboQuantCache):
         return cache.nbytes(), cache.compressed_bytes_per_token() * batch
-    nbytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)
+    nbytes = sum(l.keys.numel() * 2 + l.values.numel() * 2 for l in cache.layers)  # StaticCache: all allocated
     return nbytes, layers * 8 * 128 * 2 * 2 * batch
 
 
-def timed_generate(model, ids, new, make_cache, keep=False):
-    """Seconds of one generate call; with ``keep``, also the cache's size (the cache itself is
-    dropped before returning: holding one per configuration ran batch 8 out of memory)."""
+def timed_generate(model, ids, new, make_cache, keep=False, graph_len=None):
+    """Seconds of one generation of ``new`` tokens (model.generate; with ``graph_len``,
+    tq.hf.CudaGraphDecoder planned for that length); with ``keep``, also the cache's size
+    (the cache itself is dropped before returning: holding one per configuration ran
+    batch 8 out of memory)."""
     cache = make_cache()
     if isinstance(cache, TurboQuantCache):
         tq.hf.enable(model, cache)
@@ -59,7 +67,10 @@ def timed_generate(model, ids, new, make_cache, keep=False):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        if graph_len is None:
+            model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        else:
+            tq.hf.CudaGraphDecoder(model, cache, max_length=graph_len).generate(ids, new)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     size = cache_size(cache, ids.shape[0], model.config.num_hidden_layers) if keep else None
@@ -155,6 +166,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--host-profile", action="store_true",
                     help="also: host (CPU) time per decode step spent in the model, attention modules, cache")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also: decode steps replayed from a CUDA graph (tq.hf.CudaGraphDecoder), StaticCache as "
+                         "the bf16 baseline")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     model = build(args.layers)
@@ -167,20 +181,40 @@ def main():
     }
     makers = {name: ((lambda: __import__("transformers").DynamicCache()) if make() is None else make)
               for name, make in configs.items()}
+    graphed = {}
+    if args.graphs:  # the same step replayed from a CUDA graph: StaticCache is the bf16 baseline there
+        from transformers import StaticCache
+        graphed = {"StaticCache bf16 + SDPA, CUDA graph": lambda: StaticCache(config=model.config, max_cache_len=cap),
+                   "TurboQuantCache K4V4 fused, CUDA graph": makers["TurboQuantCache K4V4 fused"],
+                   "TurboQuantCache K3V2 fused, CUDA graph": makers["TurboQuantCache K3V2 fused"]}
+    # graphed runs: the first 1 + GRAPH_SHORT tokens (prefill, warm-up, capture, one replay) are
+    # timed apart, so the difference is replays only
+    short = {**{n: 1 for n in makers}, **{n: GRAPH_SHORT for n in graphed}}
+    glen = {**{n: None for n in makers}, **{n: cap for n in graphed}}
+    allm = {**makers, **graphed}
     # Warm-up per cache at the full size: compilation, and the caching allocator's pool (the
     # first full-length run of DynamicCache grows it by one block per step and layer, which
     # made a first repetition 4x slower than the next in earlier runs of this script).
-    for mk in makers.values():
-        timed_generate(model, ids[:1, :1024], 4, mk)
-        timed_generate(model, ids, args.new + 1, mk)
+    for name, mk in list(allm.items()):
+        try:
+            timed_generate(model, ids[:1, :1024], 8, mk, graph_len=None if glen[name] is None else 1100)
+            timed_generate(model, ids, args.new + 1, mk, graph_len=glen[name])
+        except Exception as e:  # a graphed configuration that fails is reported, not fatal
+            if glen[name] is None:
+                raise
+            import traceback
+            traceback.print_exc()
+            print(f"dropped {name}: {type(e).__name__}: {e}", flush=True)
+            del allm[name]
+            torch.cuda.empty_cache()
     # Repetitions interleaved across the caches (A B C A B C ...), so drift hits all alike.
-    runs = {name: [] for name in makers}
+    runs = {name: [] for name in allm}
     sizes = {}
     for _ in range(args.reps):
-        for name, mk in makers.items():
-            t1, _ = timed_generate(model, ids, 1, mk)
-            tn, sizes[name] = timed_generate(model, ids, args.new + 1, mk, keep=True)
-            runs[name].append((tn - t1) / args.new)
+        for name, mk in allm.items():
+            t1, _ = timed_generate(model, ids, short[name], mk, graph_len=glen[name])
+            tn, sizes[name] = timed_generate(model, ids, args.new + 1, mk, keep=True, graph_len=glen[name])
+            runs[name].append((tn - t1) / (args.new + 1 - short[name]))
     rows = []
     for name, (nbytes, per_token) in sizes.items():
         per_tok = runs[name]
@@ -197,12 +231,20 @@ def main():
     lines = [f"End-to-end decode, {args.layers} layers of Llama-3-8B shape (random weights, bf16), batch {args.batch}, "
              f"{args.context}-token prompt, {args.new} new tokens, median of {args.reps} repetitions interleaved "
              f"across the caches after a full-length warm-up of each.", "",
-             "| cache | ms/token | tokens/s | speed-up | cache bytes | bytes/token | max context per sequence in 90% of GPU memory | runs (ms/token) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Speed-up: against DynamicCache (eager, what model.generate runs); graphed rows also against "
+             "StaticCache replayed from a CUDA graph the same way (the fastest bf16 baseline here). Graphed "
+             f"ms/token: replays only (a run of {args.new + 1} tokens minus one of {GRAPH_SHORT}).", "",
+             "| cache | ms/token | tokens/s | speed-up | speed-up vs graphed StaticCache | cache bytes | bytes/token | max context per sequence in 90% of GPU memory | runs (ms/token) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    gbase = next((r for r in rows if r["cache"].startswith("StaticCache")), None)
     for r in rows:
         r["speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["graph"] = "CUDA graph" in r["cache"]
+        if r["graph"] and gbase is not None:
+            r["speedup_vs_graphed_static"] = gbase["decode_ms_per_token"] / r["decode_ms_per_token"]
+        vs_g = f"{r['speedup_vs_graphed_static']:.2f}x" if "speedup_vs_graphed_static" in r else "–"
         r["max_context_tokens"] = int(free // r["bytes_per_token_asymptotic"])
-        lines.append(f"| {r['cache']} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['cache']} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_g} | "
                      f"{r['cache_bytes'] / 2**20:.1f} MiB | {r['bytes_per_token_asymptotic']} | {r['max_context_tokens']:,} | "
                      + " ".join(f"{x:.2f}" for x in r["runs_ms"]) + " |")
     if host:

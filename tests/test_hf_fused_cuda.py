@@ -131,3 +131,75 @@ def test_generate_with_fused_cache_and_errors():
     tq.hf.enable(model, forced)
     with pytest.raises(ValueError, match="sink"):
         model(ids, past_key_values=forced)
+
+
+def _eager_greedy(model, cache, ids, new):
+    """Greedy tokens step by step with explicit positions (what CudaGraphDecoder replays)."""
+    b, t = ids.shape
+    with torch.no_grad():
+        pos = torch.arange(t, device=ids.device).expand(b, t)
+        out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        toks = [ids, out.logits[:, -1].argmax(-1, keepdim=True)]
+        for i in range(new - 1):
+            p = torch.full((b, 1), t + i, dtype=torch.long, device=ids.device)
+            out = model(input_ids=toks[-1], position_ids=p, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(toks, 1)
+
+
+def test_graph_decoder_errors():
+    from transformers import DynamicCache
+
+    from tq.hf import CudaGraphDecoder
+    model = _tiny_llama("cpu")
+    with pytest.raises(ValueError, match="max_length"):
+        CudaGraphDecoder(model, DynamicCache(), max_length=0)
+    with pytest.raises(ValueError, match="warmup"):
+        CudaGraphDecoder(model, DynamicCache(), max_length=64, warmup=0)
+    dec = CudaGraphDecoder(model, DynamicCache(), max_length=64)
+    with pytest.raises(ValueError, match="CUDA device"):
+        dec.generate(torch.zeros(1, 8, dtype=torch.long), 8)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind", ["K4V4", "K3V2", "static"])
+def test_graph_decoder_replays_the_eager_steps(kind, monkeypatch):
+    """Replayed decode steps produce the tokens of the same steps run eagerly (same kernels:
+    the fused layers planned for max_length in both), batch 2, crossing the window so the
+    store kernel compresses during replays; the host mirror of the lengths follows the
+    device's; and caches a graph cannot replay are refused by name."""
+    from transformers import DynamicCache, StaticCache
+
+    from tq.hf import CudaGraphDecoder
+    from tq.hf.cuda_layer import FusedCudaLayer
+    model = _tiny_llama("cuda")
+    ids = torch.randint(0, 512, (2, 100), device="cuda")
+    new, max_len = 60, 200
+
+    def make():
+        if kind == "static":
+            tq.hf.disable(model)
+            return StaticCache(config=model.config, max_cache_len=max_len)
+        c = TurboQuantCache(model.config, kind, window=32, sinks=0, fused=True, capacity=max_len)
+        tq.hf.enable(model, c)
+        return c
+
+    with monkeypatch.context() as m:
+        m.setattr(FusedCudaLayer, "graph_max_len", max_len)
+        ref = _eager_greedy(model, make(), ids, new)
+    cache = make()
+    dec = CudaGraphDecoder(model, cache, max_length=max_len)
+    got = dec.generate(ids, new)
+    assert dec.replays == new - 1 - dec.warmup
+    assert got.shape == (2, 100 + new)
+    assert torch.equal(got, ref), (got != ref).nonzero()[:5]
+    if kind != "static":
+        for layer in cache.layers:
+            assert layer.fused.seq_lengths == layer.fused.lengths.tolist() == [100 + new - 1] * 2
+        with pytest.raises(ValueError, match="exceed max_length"):
+            CudaGraphDecoder(model, make(), max_length=max_len).generate(ids, max_len)
+    tq.hf.disable(model)
+    with pytest.raises(TypeError, match="DynamicLayer"):
+        CudaGraphDecoder(model, DynamicCache(), max_length=max_len).generate(ids, 8)

@@ -6,7 +6,7 @@ TAG=${1:-h100}
 {
 nvidia-smi --query-gpu=name --format=csv,noheader
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 3 --new 128 --host-profile --out $OUT
+python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 3 --new 128 --host-profile --graphs --out $OUT
 mv $OUT/hf_cuda_decode_b8.md $OUT/hf_cuda_decode_b8_$TAG.md
 mv $OUT/hf_cuda_decode_b8.json $OUT/hf_cuda_decode_b8_$TAG.json
 } 2>&1 | grep -v "FutureWarning\|return fn" | tee $OUT/e2e_b8_$TAG.log

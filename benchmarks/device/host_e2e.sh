@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1
 python3 -m pytest -q -m gpu tests/test_decode_kernel.py tests/test_hf_fused_cuda.py -x 2>&1 | tail -15
 python3 benchmarks/probe_host_path.py --out $OUT && mv $OUT/host_path.md $OUT/host_path_$TAG.md \
     && mv $OUT/host_path.json $OUT/host_path_$TAG.json
-python3 benchmarks/bench_hf_cuda.py --batch 1 --reps 3 --new 128 --host-profile --out $OUT
+python3 benchmarks/bench_hf_cuda.py --batch 1 --reps 3 --new 128 --host-profile --graphs --out $OUT
 mv $OUT/hf_cuda_decode_b1.md $OUT/hf_cuda_decode_b1_$TAG.md
 mv $OUT/hf_cuda_decode_b1.json $OUT/hf_cuda_decode_b1_$TAG.json
 } 2>&1 | grep -v "FutureWarning\|return fn" | tee $OUT/host_e2e_$TAG.log

@@ -204,6 +204,19 @@ class PackedKVLayer:
         self._host_len[:] = 0
         self._max_len = 0
 
+    def host_state(self):
+        """The host's mirror of the lengths (``set_host_state`` puts it back: a CUDA graph
+        capture runs the Python of ``append`` without running its kernels)."""
+        return self._host_len.copy(), self._max_len
+
+    def set_host_state(self, state) -> None:
+        self._host_len, self._max_len = state[0].copy(), int(state[1])
+
+    def advance_host(self, tokens: int) -> None:
+        """Advance the host mirror by ``tokens`` per sequence (after a replayed append)."""
+        self._host_len = self._host_len + int(tokens)
+        self._max_len += int(tokens)
+
     def reorder(self, index) -> None:
         """Reorder/select sequences along the batch (beam search); same batch size."""
         t = self._torch

@@ -28,8 +28,9 @@ _check_version()
 from .attention import attach, disable, enable, packed_attention, register, tq_attention_forward  # noqa: E402
 from .cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
 from .config import DEFAULT_PRESETS, PRESETS, QuantSpec, parse_preset  # noqa: E402
+from .graphs import CudaGraphDecoder  # noqa: E402
 
 __all__ = [
     "TurboQuantCache", "TurboQuantLayer", "QuantSpec", "PRESETS", "DEFAULT_PRESETS", "parse_preset",
-    "enable", "disable", "attach", "register", "tq_attention_forward", "packed_attention",
+    "enable", "disable", "attach", "register", "tq_attention_forward", "packed_attention", "CudaGraphDecoder",
 ]

@@ -54,6 +54,8 @@ class FusedCudaLayer(DynamicLayer):
     is_croppable = False
     #: decode kernel: "auto" (tensor cores, fp16 operands), "mma" or "fma" (float32 throughout)
     impl = "auto"
+    #: plan decode launches for this many tokens (fixed grid: tq.hf.graphs.CudaGraphDecoder)
+    graph_max_len: int | None = None
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, *, window: int, layer_idx: int,
                  capacity: int | None = None):
@@ -109,7 +111,8 @@ class FusedCudaLayer(DynamicLayer):
         if self._prefill:
             self._check_unpadded(attention_mask)
             return sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-        out = self.fused.decode_attention(query[:, :, 0], scaling, impl=self.impl)   # [B, H_q, D]
+        out = self.fused.decode_attention(query[:, :, 0], scaling, impl=self.impl,
+                                          max_len=self.graph_max_len)            # [B, H_q, D]
         return out[:, None], None                                    # [B, 1, H_q, D]
 
     @staticmethod
