@@ -2,7 +2,7 @@
 # End to end at batch 8 (32K prompt, 128 new tokens) with the host profile, on the GPU machine.
 # Usage: OUT=dir bash benchmarks/device/e2e_b8.sh [tag]
 set -o pipefail
-TAG=${1:-h100}
+TAG=${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | tr H h)}
 {
 nvidia-smi --query-gpu=name --format=csv,noheader
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

@@ -4,7 +4,7 @@
 # Batch 8 is its own call (benchmarks/device/e2e_b8.sh): together they exceed one call's limit.
 # Usage: OUT=dir bash benchmarks/device/host_e2e.sh [tag]
 set -o pipefail
-TAG=${1:-h100}
+TAG=${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | tr H h)}
 {
 nvidia-smi --query-gpu=name --format=csv,noheader
 export HF_HUB_OFFLINE=1
