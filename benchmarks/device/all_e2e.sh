@@ -1,0 +1,16 @@
+#!/bin/bash
+# One call: the decode / fused-cache / graph GPU tests, then end to end at batch 1 and batch 8
+# (eager and CUDA-graph replays, host profile at batch 1), on the GPU machine.
+# Usage: OUT=dir bash benchmarks/device/all_e2e.sh [tag]
+set -o pipefail
+TAG=${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | tr H h)}
+{
+nvidia-smi --query-gpu=name --format=csv,noheader
+export HF_HUB_OFFLINE=1
+python3 -m pytest -q -m gpu tests/test_hf_fused_cuda.py tests/test_decode_kernel.py -x 2>&1 | tail -15
+python3 benchmarks/bench_hf_cuda.py --batch 1 --reps 3 --new 128 --host-profile --graphs --out $OUT
+mv $OUT/hf_cuda_decode_b1.md $OUT/hf_cuda_decode_b1_$TAG.md; mv $OUT/hf_cuda_decode_b1.json $OUT/hf_cuda_decode_b1_$TAG.json
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 2 --new 128 --graphs --out $OUT
+mv $OUT/hf_cuda_decode_b8.md $OUT/hf_cuda_decode_b8_$TAG.md; mv $OUT/hf_cuda_decode_b8.json $OUT/hf_cuda_decode_b8_$TAG.json
+} 2>&1 | grep -v "FutureWarning\|return fn" | tee $OUT/all_e2e_$TAG.log
