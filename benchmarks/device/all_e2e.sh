@@ -13,4 +13,6 @@ mv $OUT/hf_cuda_decode_b1.md $OUT/hf_cuda_decode_b1_$TAG.md; mv $OUT/hf_cuda_dec
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 2 --new 128 --graphs --out $OUT
 mv $OUT/hf_cuda_decode_b8.md $OUT/hf_cuda_decode_b8_$TAG.md; mv $OUT/hf_cuda_decode_b8.json $OUT/hf_cuda_decode_b8_$TAG.json
+python3 benchmarks/probe_host_path.py --out $OUT && mv $OUT/host_path.md $OUT/host_path_$TAG.md \
+    && mv $OUT/host_path.json $OUT/host_path_$TAG.json
 } 2>&1 | grep -v "FutureWarning\|return fn" | tee $OUT/all_e2e_$TAG.log
