@@ -99,7 +99,6 @@ class PackedKVLayer:
         #: the schedule of the last decode launch: "steal" or "fixed" (decode_attention)
         self.last_schedule: str | None = None
         self._host_len = np.zeros(self.batch, np.int64)
-        self._max_len = 0
         self._ws: dict = {}
         self._plans: dict = {}       # (plan_bucket(nc_max), blocks per SM, impl, n_rep) -> splits
         self._smem_plans: dict = {}  # (module id, impl, n_rep, splits) -> (shared memory, window blocks)
@@ -115,7 +114,7 @@ class PackedKVLayer:
     @property
     def max_length(self) -> int:
         """Tokens held by the longest sequence (host mirror; no device sync)."""
-        return self._max_len
+        return int(self._host_len.max())
 
     def nbytes(self) -> int:
         """Every device byte this layer allocated (codes, norms, window, lengths)."""
@@ -202,20 +201,18 @@ class PackedKVLayer:
     def reset(self) -> None:
         self.lengths.zero_()
         self._host_len[:] = 0
-        self._max_len = 0
 
     def host_state(self):
         """The host's mirror of the lengths (``set_host_state`` puts it back: a CUDA graph
         capture runs the Python of ``append`` without running its kernels)."""
-        return self._host_len.copy(), self._max_len
+        return self._host_len.copy()
 
     def set_host_state(self, state) -> None:
-        self._host_len, self._max_len = state[0].copy(), int(state[1])
+        self._host_len = state.copy()
 
     def advance_host(self, tokens: int) -> None:
         """Advance the host mirror by ``tokens`` per sequence (after a replayed append)."""
         self._host_len = self._host_len + int(tokens)
-        self._max_len += int(tokens)
 
     def reorder(self, index) -> None:
         """Reorder/select sequences along the batch (beam search); same batch size."""
@@ -226,7 +223,6 @@ class PackedKVLayer:
         for name in ("kcodes", "vcodes", "knorms", "vnorms", "kwin", "vwin", "lengths"):
             getattr(self, name).copy_(getattr(self, name).index_select(0, index))
         self._host_len = self._host_len[index.cpu().numpy()]
-        self._max_len = int(self._host_len.max())
 
     # ------------------------------------------------------------ append
     def append(self, k, v, n_valid=None) -> None:
@@ -292,7 +288,6 @@ class PackedKVLayer:
         else:
             self.lengths.add_(nv_dev)
         self._host_len = new_len
-        self._max_len = new_max
 
     # ------------------------------------------------------------ decode
     def _base_smem(self, which: str, nrep: int, mod) -> int:
@@ -385,7 +380,7 @@ class PackedKVLayer:
             raise ValueError("out must be [batch, H_q, head_dim] of out_dtype with unit last stride")
         scale = (1.0 / math.sqrt(self.head_dim)) if scaling is None else float(scaling)
         qscale = B.f32(scale * LOG2E)
-        longest = self._max_len
+        longest = self.max_length
         if max_len is not None:
             if int(max_len) < longest:
                 raise ValueError(f"max_len={max_len} is below the longest sequence ({longest})")

@@ -65,7 +65,6 @@ class CudaGraphDecoder:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         self.model, self.cache = model, cache
         self.max_length, self.warmup = max_length, warmup
-        self.graph = None
         self.replays = 0
 
     def _forward(self, ids, pos):
@@ -113,7 +112,6 @@ class CudaGraphDecoder:
             p.add_(1)
         for layer, state in zip(fused, saved):                   # the capture ran no kernel
             layer.fused.set_host_state(state)
-        self.graph = graph
         for _ in range(max_new_tokens - 1 - self.warmup):
             graph.replay()
             self.replays += 1
