@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tq.hf  # noqa: E402
+from _common import profile_rows  # noqa: E402
 from tq.hf import TurboQuantCache  # noqa: E402
 
 
@@ -95,25 +96,16 @@ class _HostClock:
 
 
 def profile_steps(model, cache, tok, steps, top=30):
-    """cProfile of ``steps`` decode steps: the ``top`` functions by own time, in us per step."""
-    import cProfile
-    import pstats
+    """cProfile of ``steps`` decode steps: the ``top`` functions by own time, per step."""
+    state = {"tok": tok}
 
-    prof = cProfile.Profile()
+    def step():
+        out = model(state["tok"], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        state["tok"] = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+
     with torch.no_grad():
-        prof.enable()
-        for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-        prof.disable()
-    st = pstats.Stats(prof)
-    rows = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
-        rows.append(dict(function=f"{Path(file).name}:{line}({fn})", calls_per_step=nc / steps,
-                         own_us_per_step=tt / steps * 1e6, cum_us_per_step=ct / steps * 1e6))
-    rows.sort(key=lambda r: -r["own_us_per_step"])
-    return rows[:top]
+        return profile_rows(step, steps, top)
 
 
 def host_profile(model, ids, makers, steps):
@@ -259,8 +251,8 @@ def main():
         lines += ["", f"cProfile of {host['steps']} decode steps with {name} (own time; the profiler inflates "
                   "Python-heavy functions, so compare rows, not totals):", "",
                   "| function | calls/step | own us/step | cumulative us/step |", "|---|---|---|---|"]
-        lines += [f"| `{r['function']}` | {r['calls_per_step']:.0f} | {r['own_us_per_step']:.0f} | "
-                  f"{r['cum_us_per_step']:.0f} |" for r in prof[:20]]
+        lines += [f"| `{r['function']}` | {r['calls']:.0f} | {r['own_us']:.0f} | {r['cum_us']:.0f} |"
+                  for r in prof[:20]]
     env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
            "transformers": __import__("transformers").__version__, "command": " ".join(sys.argv)}

@@ -13,10 +13,8 @@ a cProfile of the tq calls (own time per call) follows.  Writes host_path.{md,js
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment  # noqa: E402
+from _common import environment, profile_rows  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 
@@ -43,21 +41,6 @@ def per_call_us(fn, calls, reps=5):
         torch.cuda.synchronize()
         times.append((t1 - t0) / calls * 1e6)
     return statistics.median(times), times
-
-
-def cprofile_rows(fn, calls, top=15):
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    rows = []
-    for (file, line, name), (_, nc, tt, ct, _) in pstats.Stats(prof).stats.items():
-        rows.append(dict(function=f"{Path(file).name}:{line}({name})", calls_per_call=nc / calls,
-                         own_us=tt / calls * 1e6, cum_us=ct / calls * 1e6))
-    rows.sort(key=lambda r: -r["own_us"])
-    return rows[:top]
 
 
 class _Module:  # what the attention functions read off an attention module
@@ -130,7 +113,7 @@ def main():
         med, runs = per_call_us(fn, n if "Dynamic" not in name else min(n, 200))
         rows.append(dict(case=name, host_us_per_call=med, runs_us=runs))
         print(f"{name:<42} {med:7.1f} us/call  runs {' '.join(f'{r:.1f}' for r in runs)}", flush=True)
-    profiles = {name: cprofile_rows(cases[name], n // 4) for name in ("FusedCudaLayer.update", "FusedCudaLayer.attend")}
+    profiles = {name: profile_rows(cases[name], n // 4, top=15) for name in ("FusedCudaLayer.update", "FusedCudaLayer.attend")}
     env = environment(("torch", "transformers", "cupy"))
     env["gpu"] = torch.cuda.get_device_name(0)
     env["command"] = " ".join(sys.argv)
@@ -142,7 +125,7 @@ def main():
     for name, prof in profiles.items():
         lines += ["", f"cProfile of {name} (own us per call; the profiler inflates Python calls):", "",
                   "| function | calls | own us | cumulative us |", "|---|---|---|---|"]
-        lines += [f"| `{r['function']}` | {r['calls_per_call']:.1f} | {r['own_us']:.1f} | {r['cum_us']:.1f} |"
+        lines += [f"| `{r['function']}` | {r['calls']:.1f} | {r['own_us']:.1f} | {r['cum_us']:.1f} |"
                   for r in prof]
     out = Path(os.environ.get("OUT", args.out)) if args.out == "$OUT" else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
