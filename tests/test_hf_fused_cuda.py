@@ -160,6 +160,10 @@ def test_graph_decoder_errors():
     dec = CudaGraphDecoder(model, DynamicCache(), max_length=64)
     with pytest.raises(ValueError, match="CUDA device"):
         dec.generate(torch.zeros(1, 8, dtype=torch.long), 8)
+    if torch.cuda.is_available():
+        for bad in (2, 8.0, True):
+            with pytest.raises(ValueError, match="max_new_tokens"):
+                dec.generate(torch.zeros(1, 8, dtype=torch.long, device="cuda"), bad)
 
 
 @pytest.mark.gpu

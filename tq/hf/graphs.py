@@ -82,8 +82,9 @@ class CudaGraphDecoder:
             raise ValueError(f"input_ids must be [batch, prompt] on a CUDA device, got {tuple(input_ids.shape)} "
                              f"on {input_ids.device}")
         b, t = input_ids.shape
-        if max_new_tokens < self.warmup + 2:
-            raise ValueError(f"max_new_tokens must be at least warmup + 2 = {self.warmup + 2}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < self.warmup + 2:
+            raise ValueError(f"max_new_tokens must be an integer >= warmup + 2 = {self.warmup + 2}, "
+                             f"got {max_new_tokens!r}")
         if t + max_new_tokens > self.max_length:
             raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceed max_length {self.max_length}")
         if self.cache.get_seq_length() != 0:
