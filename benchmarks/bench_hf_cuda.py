@@ -10,7 +10,10 @@ warm-up of each (allocator pool, kernel compilation). ``--host-profile`` adds th
 (CPU) time of a decode step by part: the model's forward, its attention modules, the
 cache's update and the fused attention call. ``--graphs`` adds the decode steps replayed
 from a CUDA graph (tq.hf.CudaGraphDecoder) for TurboQuantCache and, as the bf16 baseline,
-StaticCache. Writes hf_cuda_decode_b{batch}.{md,json}
+StaticCache; and a bf16 speed bound: StaticCache replayed with unmasked flash SDPA over its whole
+preallocated buffer at decode (the bytes and kernel of a correct bf16 flash-decoding step over a
+static cache, not its result: the masked SDPA that transformers runs on a StaticCache cannot use
+the flash kernel). Writes hf_cuda_decode_b{batch}.{md,json}
 to --out (default benchmarks/results).
 """
 from __future__ import annotations
@@ -43,6 +46,31 @@ def build(layers):
     return model
 
 
+BOUND_ATTN = "tq_bench_bf16_bound"
+STATIC_NAME = "StaticCache bf16 + SDPA, CUDA graph"
+BOUND_NAME = "bf16 speed bound (StaticCache, unmasked flash SDPA), CUDA graph"
+
+
+def register_bound_attention():
+    """The bf16 speed bound's attention: transformers' SDPA at prefill; at decode, flash SDPA
+    over the whole static buffer, mask ignored (zero slots beyond the length are attended too:
+    same bytes and kernel as a correct flash-decoding step, wrong result; timing only)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def bound(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if query.shape[2] != 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        b, hq, _, d = query.shape
+        q = query.reshape(b, key.shape[1], hq // key.shape[1], d)   # GQA: a group's heads as its queries
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, scale=scaling)
+        return out.reshape(b, hq, 1, d).transpose(1, 2), None
+
+    AttentionInterface.register(BOUND_ATTN, bound)
+
+
 #: tokens of the short graphed run: prefill, two warm-up steps, the capture, one replay
 GRAPH_SHORT = 4
 
@@ -55,16 +83,16 @@ def cache_size(cache, batch, layers):
     return nbytes, layers * 8 * 128 * 2 * 2 * batch
 
 
-def timed_generate(model, ids, new, make_cache, keep=False, graph_len=None):
+def timed_generate(model, ids, new, make_cache, keep=False, graph_len=None, attn="sdpa"):
     """Seconds of one generation of ``new`` tokens (model.generate; with ``graph_len``,
     tq.hf.CudaGraphDecoder planned for that length); with ``keep``, also the cache's size
     (the cache itself is dropped before returning: holding one per configuration ran
-    batch 8 out of memory)."""
+    batch 8 out of memory). ``attn``: the attention implementation of a bf16 cache."""
     cache = make_cache()
     if isinstance(cache, TurboQuantCache):
         tq.hf.enable(model, cache)
     else:
-        tq.hf.disable(model)
+        tq.hf.disable(model, attn)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -176,7 +204,8 @@ def main():
     graphed = {}
     if args.graphs:  # the same step replayed from a CUDA graph: StaticCache is the bf16 baseline there
         from transformers import StaticCache
-        graphed = {"StaticCache bf16 + SDPA, CUDA graph": lambda: StaticCache(config=model.config, max_cache_len=cap),
+        graphed = {STATIC_NAME: lambda: StaticCache(config=model.config, max_cache_len=cap),
+                   BOUND_NAME: lambda: StaticCache(config=model.config, max_cache_len=cap),
                    "TurboQuantCache K4V4 fused, CUDA graph": makers["TurboQuantCache K4V4 fused"],
                    "TurboQuantCache K3V2 fused, CUDA graph": makers["TurboQuantCache K3V2 fused"]}
     # graphed runs: the first 1 + GRAPH_SHORT tokens (prefill, warm-up, capture, one replay) are
@@ -184,13 +213,17 @@ def main():
     short = {**{n: 1 for n in makers}, **{n: GRAPH_SHORT for n in graphed}}
     glen = {**{n: None for n in makers}, **{n: cap for n in graphed}}
     allm = {**makers, **graphed}
+    attn = {n: BOUND_ATTN if n == BOUND_NAME else "sdpa" for n in allm}
+    if args.graphs:
+        register_bound_attention()
     # Warm-up per cache at the full size: compilation, and the caching allocator's pool (the
     # first full-length run of DynamicCache grows it by one block per step and layer, which
     # made a first repetition 4x slower than the next in earlier runs of this script).
     for name, mk in list(allm.items()):
         try:
-            timed_generate(model, ids[:1, :1024], 8, mk, graph_len=None if glen[name] is None else 1100)
-            timed_generate(model, ids, args.new + 1, mk, graph_len=glen[name])
+            timed_generate(model, ids[:1, :1024], 8, mk, graph_len=None if glen[name] is None else 1100,
+                           attn=attn[name])
+            timed_generate(model, ids, args.new + 1, mk, graph_len=glen[name], attn=attn[name])
         except Exception as e:  # a graphed configuration that fails is reported, not fatal
             if glen[name] is None:
                 raise
@@ -204,8 +237,9 @@ def main():
     sizes = {}
     for _ in range(args.reps):
         for name, mk in allm.items():
-            t1, _ = timed_generate(model, ids, short[name], mk, graph_len=glen[name])
-            tn, sizes[name] = timed_generate(model, ids, args.new + 1, mk, keep=True, graph_len=glen[name])
+            t1, _ = timed_generate(model, ids, short[name], mk, graph_len=glen[name], attn=attn[name])
+            tn, sizes[name] = timed_generate(model, ids, args.new + 1, mk, keep=True, graph_len=glen[name],
+                                             attn=attn[name])
             runs[name].append((tn - t1) / (args.new + 1 - short[name]))
     rows = []
     for name, (nbytes, per_token) in sizes.items():
@@ -224,19 +258,25 @@ def main():
              f"{args.context}-token prompt, {args.new} new tokens, median of {args.reps} repetitions interleaved "
              f"across the caches after a full-length warm-up of each.", "",
              "Speed-up: against DynamicCache (eager, what model.generate runs); graphed rows also against "
-             "StaticCache replayed from a CUDA graph the same way (the fastest bf16 baseline here). Graphed "
+             "StaticCache replayed from a CUDA graph the same way (transformers' masked SDPA), and against "
+             "the bf16 speed bound (graphed StaticCache with unmasked flash SDPA over the whole buffer: the "
+             "bytes of a correct bf16 flash-decoding step, timing only). Graphed "
              f"ms/token: replays only (a run of {args.new + 1} tokens minus one of {GRAPH_SHORT}).", "",
-             "| cache | ms/token | tokens/s | speed-up | speed-up vs graphed StaticCache | cache bytes | bytes/token | max context per sequence in 90% of GPU memory | runs (ms/token) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    gbase = next((r for r in rows if r["cache"].startswith("StaticCache")), None)
+             "| cache | ms/token | tokens/s | speed-up | vs graphed StaticCache | vs bf16 bound | cache bytes | bytes/token | max context per sequence in 90% of GPU memory | runs (ms/token) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    gbase = next((r for r in rows if r["cache"] == STATIC_NAME), None)
+    bound = next((r for r in rows if r["cache"] == BOUND_NAME), None)
     for r in rows:
         r["speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
         r["graph"] = "CUDA graph" in r["cache"]
         if r["graph"] and gbase is not None:
             r["speedup_vs_graphed_static"] = gbase["decode_ms_per_token"] / r["decode_ms_per_token"]
+        if r["graph"] and bound is not None:
+            r["speedup_vs_bf16_bound"] = bound["decode_ms_per_token"] / r["decode_ms_per_token"]
         vs_g = f"{r['speedup_vs_graphed_static']:.2f}x" if "speedup_vs_graphed_static" in r else "–"
+        vs_b = f"{r['speedup_vs_bf16_bound']:.2f}x" if "speedup_vs_bf16_bound" in r else "–"
         r["max_context_tokens"] = int(free // r["bytes_per_token_asymptotic"])
-        lines.append(f"| {r['cache']} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_g} | "
+        lines.append(f"| {r['cache']} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_g} | {vs_b} | "
                      f"{r['cache_bytes'] / 2**20:.1f} MiB | {r['bytes_per_token_asymptotic']} | {r['max_context_tokens']:,} | "
                      + " ".join(f"{x:.2f}" for x in r["runs_ms"]) + " |")
     if host:
