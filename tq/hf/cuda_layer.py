@@ -101,7 +101,7 @@ class FusedCudaLayer(DynamicLayer):
                 "the fused CUDA cache decodes one token per step after the prompt; "
                 "use TurboQuantCache(..., fused=False) for chunked prefill or speculative decoding")
         k = key_states - self.kmu if self.kmu is not None else key_states
-        self.fused.append(k.to(self.dtype), value_states.to(self.dtype))
+        self.fused.append(k, value_states)          # casts to the cache dtype if they differ
         self._ret = (key_states, value_states)
         self.keys, self.values = key_states, value_states
         return key_states, value_states
