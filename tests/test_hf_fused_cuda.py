@@ -149,7 +149,7 @@ def _eager_greedy(model, cache, ids, new):
 
 
 def test_graph_decoder_errors():
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     from tq.hf import CudaGraphDecoder
     model = _tiny_llama("cpu")
@@ -157,7 +157,19 @@ def test_graph_decoder_errors():
         CudaGraphDecoder(model, DynamicCache(), max_length=0)
     with pytest.raises(ValueError, match="warmup"):
         CudaGraphDecoder(model, DynamicCache(), max_length=64, warmup=0)
-    dec = CudaGraphDecoder(model, DynamicCache(), max_length=64)
+    with pytest.raises(TypeError, match="DynamicCache cannot be replayed"):
+        CudaGraphDecoder(model, DynamicCache(), max_length=64)
+    with pytest.raises(TypeError, match="fused=False"):
+        CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", sinks=0, fused=False), max_length=64)
+    with pytest.raises(TypeError, match="skip_layers"):
+        CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", sinks=0, skip_layers=[0]), max_length=64)
+    with pytest.raises(ValueError, match="capacity 32 is below max_length 64"):
+        CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", sinks=0, capacity=32), max_length=64)
+    with pytest.raises(TypeError, match="sink tokens"):  # sinks=4 (the default) has no fused kernel
+        CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", capacity=64), max_length=64)
+    with pytest.raises(ValueError, match="max_cache_len 32 is below max_length 64"):
+        CudaGraphDecoder(model, StaticCache(config=model.config, max_cache_len=32), max_length=64)
+    dec = CudaGraphDecoder(model, StaticCache(config=model.config, max_cache_len=64), max_length=64)
     with pytest.raises(ValueError, match="CUDA device"):
         dec.generate(torch.zeros(1, 8, dtype=torch.long), 8)
     if torch.cuda.is_available():
@@ -205,5 +217,5 @@ def test_graph_decoder_replays_the_eager_steps(kind, monkeypatch):
         with pytest.raises(ValueError, match="exceed max_length"):
             CudaGraphDecoder(model, make(), max_length=max_len).generate(ids, max_len)
     tq.hf.disable(model)
-    with pytest.raises(TypeError, match="DynamicLayer"):
-        CudaGraphDecoder(model, DynamicCache(), max_length=max_len).generate(ids, 8)
+    with pytest.raises(TypeError, match="DynamicCache cannot be replayed"):
+        CudaGraphDecoder(model, DynamicCache(), max_length=max_len)

@@ -24,9 +24,42 @@ from __future__ import annotations
 
 import torch
 
-from .cuda_layer import FusedCudaLayer
+from .cuda_layer import FusedCudaLayer, fused_cuda_reason
 
 __all__ = ["CudaGraphDecoder"]
+
+
+def _check_cache(cache, max_length: int) -> None:
+    """Refuse, before any work, a cache whose decode step a graph cannot replay or that cannot
+    hold ``max_length`` tokens (a StaticCache written past its end is a device-side assert)."""
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    from .cache import TurboQuantCache
+
+    if isinstance(cache, TurboQuantCache):
+        if cache.fused is False:
+            raise TypeError("TurboQuantCache(fused=False) decodes through the torch path, whose shapes grow: "
+                            "CUDA graphs need the fused CUDA path (fused=True or 'auto', sinks=0)")
+        if cache.skip_layers:
+            raise TypeError(f"TurboQuantCache layers {list(cache.skip_layers)} are unquantized (skip_layers) and "
+                            "decode through the torch path, which a CUDA graph cannot replay")
+        if cache.capacity is not None and cache.capacity < max_length:
+            raise ValueError(f"the cache's capacity {cache.capacity} is below max_length {max_length}")
+        reason = fused_cuda_reason(cache.key_spec, cache.value_spec, cache.sinks, torch.device("cuda"))
+        if reason is not None:
+            raise TypeError(f"this TurboQuantCache cannot use the fused CUDA kernels ({reason}), "
+                            "which CUDA graphs need")
+    elif isinstance(cache, StaticCache):
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, StaticLayer) or getattr(layer, "is_sliding", False):
+                raise TypeError(f"layer {i} is a {type(layer).__name__}: only full-attention static layers "
+                                "replay from a CUDA graph")
+            if layer.max_cache_len < max_length:
+                raise ValueError(f"layer {i}: max_cache_len {layer.max_cache_len} is below max_length {max_length}")
+    else:
+        raise TypeError(f"a {type(cache).__name__} cannot be replayed from a CUDA graph (its shapes grow): "
+                        "use TurboQuantCache on its fused CUDA path (tq.hf.enable(model, cache), sinks=0) "
+                        "or a StaticCache")
 
 
 def _graph_layers(cache, max_length: int):
@@ -63,6 +96,7 @@ class CudaGraphDecoder:
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        _check_cache(cache, max_length)
         self.model, self.cache = model, cache
         self.max_length, self.warmup = max_length, warmup
         self.replays = 0
