@@ -171,11 +171,14 @@ def pack_bits(codes, count, bits, shifts8):
     """(n, count) integer codes < 2**bits -> (n, row_bytes) uint8, LSB-first bit stream."""
     n = codes.shape[0]
     g = (count + 7) // 8
-    c = codes.to(torch.int64)
+    wide = 8 if bits > 3 else 4    # bytes of a word of 8 codes: int32 while 8 * bits < 32 (no sign-bit overflow)
+    c = codes.to(torch.int64 if wide == 8 else torch.int32)
     if g * 8 != count:
         c = torch.nn.functional.pad(c, (0, g * 8 - count))
-    words = torch.bitwise_left_shift(c.view(n, g, 8), shifts8 * bits).sum(dim=2)  # disjoint bits: sum == or
-    out = words.view(torch.uint8).view(n, g, 8)[:, :, :bits].reshape(n, g * bits)
+    if wide == 4:
+        shifts8 = shifts8.to(torch.int32)
+    words = torch.bitwise_left_shift(c.view(n, g, 8), shifts8 * bits).sum(dim=2, dtype=c.dtype)  # disjoint bits: sum == or
+    out = words.view(torch.uint8).view(n, g, wide)[:, :, :bits].reshape(n, g * bits)
     return out[:, : row_bytes(count, bits)].contiguous()
 
 
@@ -227,9 +230,11 @@ def _encode_chunk(plan, prm, x, b, codes, norms, qjl, rnorms):
     xs, e = prescale(x)
     y = rotate(plan, prm, xs)
     norm = sqrt_rn(tree_sum_squares(y))
-    pos = norm > 0
-    safe = torch.where(pos, norm, torch.ones_like(norm))
-    u = torch.where(pos[:, None], y / safe[:, None], torch.zeros_like(y))
+    # norm == 0 only for an all-zero row (prescaling puts its largest entry in [0.5, 1)), whose
+    # y is +-0: dividing it by 1 gives the reference's zero direction up to the sign of zero,
+    # which no comparison below sees.
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    u = y / safe[:, None]
     pow2e = _pow2(e)
     if b > 0:
         idx = torch.searchsorted(prm["boundaries"], u, right=False, out_int32=True)
@@ -237,7 +242,8 @@ def _encode_chunk(plan, prm, x, b, codes, norms, qjl, rnorms):
         if cfg.norm_correction:
             cn = sqrt_rn(tree_sum_squares(decoded_direction(plan, prm, c)))
             stored = (norm / cn) * pow2e
-            c = c / cn[:, None]
+            if cfg.kind == "prod":                 # the residual needs the normalized centroids
+                c = c / cn[:, None]
         else:
             stored = norm * pow2e
         codes.copy_(pack_bits(idx, plan.padded_dim, b, prm["shifts8"]))
