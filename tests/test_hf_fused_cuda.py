@@ -148,7 +148,7 @@ def _eager_greedy(model, cache, ids, new):
     return torch.cat(toks, 1)
 
 
-def test_graph_decoder_errors():
+def test_graph_decoder_errors(monkeypatch):
     from transformers import DynamicCache, StaticCache
 
     from tq.hf import CudaGraphDecoder
@@ -169,6 +169,13 @@ def test_graph_decoder_errors():
         CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", capacity=64), max_length=64)
     with pytest.raises(ValueError, match="max_cache_len 32 is below max_length 64"):
         CudaGraphDecoder(model, StaticCache(config=model.config, max_cache_len=32), max_length=64)
+    import tq.hf.graphs
+    monkeypatch.setattr(tq.hf.graphs, "fused_cuda_reason", lambda *a: None)  # as where CuPy is installed
+    big = CudaGraphDecoder(model, TurboQuantCache(model.config, "K4V4", sinks=0), max_length=5000)
+    with pytest.raises(ValueError, match=r"default capacity \(prompt 8 \+ 4096\) is below max_length 5000"):
+        big.generate(torch.zeros(1, 8, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match=r"\[batch, prompt\]"):
+        big.generate(torch.zeros(8, dtype=torch.long), 8)
     dec = CudaGraphDecoder(model, StaticCache(config=model.config, max_cache_len=64), max_length=64)
     with pytest.raises(ValueError, match="CUDA device"):
         dec.generate(torch.zeros(1, 8, dtype=torch.long), 8)

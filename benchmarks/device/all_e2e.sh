@@ -18,7 +18,7 @@ mv $OUT/hf_cuda_decode_b1.md $OUT/hf_cuda_decode_b1_$TAG.md; mv $OUT/hf_cuda_dec
 fi
 if has b8; then
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 3 --new 128 --graphs --out $OUT
+    python3 benchmarks/bench_hf_cuda.py --batch 8 --reps 2 --new 128 --graphs --out $OUT
 mv $OUT/hf_cuda_decode_b8.md $OUT/hf_cuda_decode_b8_$TAG.md; mv $OUT/hf_cuda_decode_b8.json $OUT/hf_cuda_decode_b8_$TAG.json
 fi
 if has host; then

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .cuda_layer import FusedCudaLayer, fused_cuda_reason
+from .cuda_layer import DEFAULT_HEADROOM, FusedCudaLayer, fused_cuda_reason
 
 __all__ = ["CudaGraphDecoder"]
 
@@ -112,10 +112,14 @@ class CudaGraphDecoder:
 
         The prompt runs eagerly (prefill), then ``warmup`` eager decode steps, then the
         capture of one step and its replays."""
-        if input_ids.dim() != 2 or input_ids.device.type != "cuda":
-            raise ValueError(f"input_ids must be [batch, prompt] on a CUDA device, got {tuple(input_ids.shape)} "
-                             f"on {input_ids.device}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, prompt], got {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        if getattr(self.cache, "capacity", 0) is None and t + DEFAULT_HEADROOM < self.max_length:
+            raise ValueError(f"the cache's default capacity (prompt {t} + {DEFAULT_HEADROOM}) is below max_length "
+                             f"{self.max_length}; pass capacity=max_length to TurboQuantCache")
+        if input_ids.device.type != "cuda":
+            raise ValueError(f"input_ids must be on a CUDA device, got {input_ids.device}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < self.warmup + 2:
             raise ValueError(f"max_new_tokens must be an integer >= warmup + 2 = {self.warmup + 2}, "
                              f"got {max_new_tokens!r}")
