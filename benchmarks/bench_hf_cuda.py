@@ -205,8 +205,9 @@ def main():
     graphed = {}
     if args.graphs:  # the same step replayed from a CUDA graph: StaticCache is the bf16 baseline there
         from transformers import StaticCache
-        graphed = {STATIC_NAME: lambda: StaticCache(config=model.config, max_cache_len=cap),
-                   REF_NAME: lambda: StaticCache(config=model.config, max_cache_len=cap),
+        def static():
+            return StaticCache(config=model.config, max_cache_len=cap)
+        graphed = {STATIC_NAME: static, REF_NAME: static,
                    "TurboQuantCache K4V4 fused, CUDA graph": makers["TurboQuantCache K4V4 fused"],
                    "TurboQuantCache K3V2 fused, CUDA graph": makers["TurboQuantCache K3V2 fused"]}
     # graphed runs: the first 1 + GRAPH_SHORT tokens (prefill, warm-up, capture, one replay) are

@@ -26,6 +26,11 @@ __all__ = ["FusedCudaLayer", "fused_cuda_reason"]
 DEFAULT_HEADROOM = 4096
 
 
+def fused_capacity(capacity: int | None, prompt: int) -> int:
+    """Tokens a fused layer preallocates: ``capacity``, or the prompt plus DEFAULT_HEADROOM."""
+    return capacity if capacity is not None else prompt + DEFAULT_HEADROOM
+
+
 def fused_cuda_reason(key_spec: QuantSpec | None, value_spec: QuantSpec | None, sinks: int,
                       device: torch.device) -> str | None:
     """None if a layer with these settings can use the fused CUDA kernels, else why not."""
@@ -75,7 +80,7 @@ class FusedCudaLayer(DynamicLayer):
         B, H, T, D = key_states.shape
         if value_states.shape[-1] != D:
             raise ValueError("the fused CUDA path needs equal key and value head dims")
-        cap = self.capacity if self.capacity is not None else T + DEFAULT_HEADROOM
+        cap = fused_capacity(self.capacity, T)
         if cap < T:
             raise ValueError(f"capacity {cap} is smaller than the prompt ({T} tokens)")
         self.dtype, self.device = key_states.dtype, key_states.device

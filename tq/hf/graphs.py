@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .cuda_layer import DEFAULT_HEADROOM, FusedCudaLayer, fused_cuda_reason
+from .cuda_layer import DEFAULT_HEADROOM, FusedCudaLayer, fused_capacity, fused_cuda_reason
 
 __all__ = ["CudaGraphDecoder"]
 
@@ -97,6 +97,9 @@ class CudaGraphDecoder:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         _check_cache(cache, max_length)
+        from .cache import TurboQuantCache
+        #: the fused layers will size themselves from the prompt (checked against max_length in generate)
+        self._default_capacity = isinstance(cache, TurboQuantCache) and cache.capacity is None
         self.model, self.cache = model, cache
         self.max_length, self.warmup = max_length, warmup
         self.replays = 0
@@ -115,7 +118,7 @@ class CudaGraphDecoder:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, prompt], got {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if getattr(self.cache, "capacity", 0) is None and t + DEFAULT_HEADROOM < self.max_length:
+        if self._default_capacity and fused_capacity(None, t) < self.max_length:
             raise ValueError(f"the cache's default capacity (prompt {t} + {DEFAULT_HEADROOM}) is below max_length "
                              f"{self.max_length}; pass capacity=max_length to TurboQuantCache")
         if input_ids.device.type != "cuda":
