@@ -258,6 +258,122 @@ def _encode_chunk(plan, prm, x, b, codes, norms, qjl, rnorms):
         rnorms.copy_(_to_norm(plan, rnorm))
 
 
+# ----------------------------------------------------------------- fused (torch.compile) encode
+# The same operations as _encode_chunk, written without out= views or data-dependent
+# branches so that TorchInductor can fuse them into a few kernels.  Compiled with
+# strict numerics: no multiply-add contraction, IEEE division, no flush-to-zero
+# (docs/FORMAT.md fixes every rounding), so the bytes stay the reference's; the GPU
+# tests check that.  Hadamard rotation only (the dense products stay on matmul).
+_STRICT_INDUCTOR = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                    "eager_numerics.disable_ftz": True}
+
+
+def _exponent(m):
+    """frexp(m)[1] clamped to [-126, 126], from the float32 bits (m >= 0, finite)."""
+    biased = torch.bitwise_right_shift(m.view(torch.int32), 23) & 255
+    return torch.where(m == 0, torch.zeros_like(biased), (biased - 126).clamp(-126, 126))
+
+
+def _fwht_stacked(v):
+    """fwht() as stacked adds and subtracts (same values, no out= views)."""
+    n, p = v.shape
+    h = 1
+    while h < p:
+        s = v.view(n, p // (2 * h), 2, h)
+        a, b = s[:, :, 0, :], s[:, :, 1, :]
+        v = torch.stack((a + b, a - b), dim=2).reshape(n, p)
+        h *= 2
+    return v
+
+
+def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16):
+    """(codes, norms, residual or None, rnorm factor or None) of float rows x, hadamard rotation."""
+    x = x.to(torch.float32)
+    e = _exponent(x.abs().amax(dim=1))
+    v = x * _pow2(-e)[:, None]
+    if dim < p:
+        v = torch.nn.functional.pad(v, (0, p - dim))
+    for r in range(signs.shape[0]):
+        v = _fwht_stacked(v * signs[r])
+    y = v * np.float32(1.0 / p)
+    norm = sqrt_rn(tree_sum_squares(y))
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    u = y / safe[:, None]
+    pow2e = _pow2(e)
+    ndt = torch.float16 if f16 else torch.float32
+    codes = norms = c = None
+    if bits > 0:
+        idx = torch.searchsorted(boundaries, u, right=False, out_int32=True)
+        c = centroids[idx.long()]
+        if nc:
+            cd = c
+            if dim < p:  # decoded direction: the inverse rotation of c, truncated to dim
+                for r in range(signs.shape[0] - 1, -1, -1):
+                    cd = _fwht_stacked(cd) * signs[r]
+                cd = (cd * np.float32(1.0 / p))[:, :dim]
+            cn = sqrt_rn(tree_sum_squares(cd))
+            stored = (norm / cn) * pow2e
+            if prod:
+                c = c / cn[:, None]
+        else:
+            stored = norm * pow2e
+        codes = pack_bits(idx, p, bits, shifts8)
+        norms = stored.to(ndt)
+    if not prod:
+        return codes, norms, None, None
+    res = u - c if c is not None else u
+    rnorm = ((sqrt_rn(tree_sum_squares(res)) * norm) * pow2e).to(ndt)
+    return codes, norms, res, rnorm
+
+
+def fused_encode_fn(plan, device):
+    """The compiled encode core for ``plan`` on ``device`` (cached), or None where it does not apply."""
+    if plan.signs is None or torch is None or not hasattr(torch, "compile"):
+        return None
+    cfg = plan.config
+
+    def make():
+        import functools
+
+        core = functools.partial(_encode_core, dim=plan.dim, p=plan.padded_dim, bits=cfg.mse_bits,
+                                 prod=cfg.kind == "prod", nc=cfg.norm_correction,
+                                 f16=cfg.norm_dtype == "float16")
+        return torch.compile(core, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
+
+    return plan.cached(("torch-compiled-encode", str(device)), make)
+
+
+def encode_fused(plan, x, fn=None):
+    """encode() through the compiled core (chunked like encode); same Parts, same bytes."""
+    cfg = plan.config
+    dev = x.device
+    prm = _params(plan, dev)
+    fn = fn or fused_encode_fn(plan, dev)
+    n, p = x.shape[0], plan.padded_dim
+    ndt = torch.float16 if cfg.norm_dtype == "float16" else torch.float32
+    b = cfg.mse_bits
+    codes = torch.empty((n, plan.code_bytes), dtype=torch.uint8, device=dev)
+    norms = torch.empty((n if b > 0 else 0,), dtype=ndt, device=dev)
+    qjl = torch.empty((n, plan.qjl_bytes), dtype=torch.uint8, device=dev)
+    rnorms = torch.empty((n if cfg.kind == "prod" else 0,), dtype=ndt, device=dev)
+    step = max(1, _CHUNK_ELEMS // p)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xc = x[lo:hi]
+        if hi - lo < step and n > step:  # one static shape: pad the last chunk
+            xc = torch.nn.functional.pad(xc, (0, 0, 0, step - (hi - lo)))
+        cb, nb, res, rn = fn(xc, prm["signs"], prm["boundaries"], prm["centroids"], prm["shifts8"])
+        k = hi - lo
+        if b > 0:
+            codes[lo:hi] = cb[:k]
+            norms[lo:hi] = nb[:k]
+        if cfg.kind == "prod":
+            proj = _mm(res[:k], prm["qjl_t"])
+            qjl[lo:hi] = pack_bits((proj >= 0).to(torch.uint8), p, 1, prm["shifts8"])
+            rnorms[lo:hi] = rn[:k]
+    return Parts(codes, norms, qjl, rnorms)
+
+
 def _rotated_estimate(plan, prm, parts, lo, hi):
     cfg = plan.config
     p = plan.padded_dim

@@ -1,0 +1,117 @@
+"""Torch backend encode on CUDA: eager ops vs the torch.compile'd core, side by side with CuPy.
+
+For n rows of dim 128 in float16 (fresh random data), hadamard rotation, both kinds,
+bits 2, 3, 4: every output byte of each torch path is compared with the CuPy kernel
+(itself byte-exact against the NumPy reference, tests/test_cupy_backend.py), then timed
+with CUDA events (median of repeats).  A few edge configurations (dim 100 with norm
+correction, bfloat16 input, zero / tiny / huge rows) are checked for bytes only.
+
+    python benchmarks/probe_torch_fused.py [--n 16777216] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tq  # noqa: E402
+from tq.backends import torch_backend as tb  # noqa: E402
+
+from _common import environment  # noqa: E402
+from bench_gpu import copy_ceiling, events_time  # noqa: E402
+
+FIELDS = ("codes", "norms", "qjl", "rnorms")
+
+
+def same(a, b, cp):
+    return all(bool((cp.asarray(getattr(a, f)) == cp.from_dlpack(getattr(b, f))).all())
+               if getattr(a, f).size else getattr(b, f).numel() == 0 for f in FIELDS)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1 << 24)
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--kinds", nargs="+", default=["mse", "prod"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eager", action="store_true", help="also time the eager torch path (slow)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    import cupy as cp
+    import torch
+
+    env = environment(("torch", "cupy"))
+    env["gpu"] = torch.cuda.get_device_name()
+    bw, _ = copy_ceiling(torch)
+    env["copy_ceiling_GBps"] = round(bw / 1e9, 1)
+    cupy_be, torch_be = tq.get_backend("cupy"), tq.get_backend("torch")
+    rows, edge = [], []
+    # edge configurations: bytes only
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for dim, bits, kind, nc, dt in [(100, 3, "mse", True, torch.float16), (128, 4, "prod", True, torch.bfloat16),
+                                    (64, 2, "mse", False, torch.float32), (96, 1, "prod", False, torch.float16)]:
+        plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=5, norm_correction=nc).plan()
+        x = torch.randn((70001, dim), device="cuda", generator=g).to(dt)
+        x[0] = 0
+        x[1] *= 1e-30 if dt != torch.float16 else 1e-4
+        x[2] = x[2] * (1e30 if dt != torch.float16 else 3e3)
+        ok = same(cupy_be.encode(plan, cp.from_dlpack(x)), tb.encode_fused(plan, x), cp)
+        edge.append({"dim": dim, "bits": bits, "kind": kind, "norm_correction": nc, "dtype": str(dt), "bytes_equal": ok})
+        print("edge", edge[-1], flush=True)
+    n, d = args.n, 128
+    x = torch.randn((n, d), device="cuda", dtype=torch.float16, generator=g)
+    xc = cp.from_dlpack(x)
+    for kind in args.kinds:
+        for bits in args.bits:
+            plan = tq.QuantizerConfig(d, bits, kind=kind, seed=1).plan()
+            moved = n * d * 2 + n * plan.bytes_per_vector
+            ref = cupy_be.encode(plan, xc)
+            t0 = time.time()
+            fused = tb.encode_fused(plan, x)
+            torch.cuda.synchronize()
+            row = {"kind": kind, "bits": bits, "compile_plus_first_call_s": round(time.time() - t0, 1),
+                   "fused_bytes_equal": same(ref, fused, cp)}
+            del fused
+            fns = {"cupy": lambda: cupy_be.encode(plan, xc), "torch_fused": lambda: tb.encode_fused(plan, x)}
+            if args.eager:
+                row["eager_bytes_equal"] = same(ref, torch_be.encode(plan, x), cp)
+                fns["torch_eager"] = lambda: torch_be.encode(plan, x)
+            del ref
+            for name, fn in fns.items():
+                t, samples = events_time(torch, fn, args.repeats if name != "torch_eager" else 2)
+                row[name] = {"ms": t * 1e3, "fraction_of_copy": moved / t / bw, "samples_ms": [s * 1e3 for s in samples]}
+                cp.get_default_memory_pool().free_all_blocks()
+                torch.cuda.empty_cache()
+            row["fused_over_cupy"] = row["torch_fused"]["ms"] / row["cupy"]["ms"]
+            rows.append(row)
+            print(row, flush=True)
+            write(args.out, env, rows, edge)
+
+
+def write(out, env, rows, edge):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "torch_fused_encode.json").write_text(json.dumps({"environment": env, "rows": rows, "edge": edge}, indent=1))
+    lines = ["| kind | bits | CuPy ms (% copy) | torch compiled ms (% copy) | compiled / CuPy | torch eager ms | bytes equal (compiled, eager) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eg = r.get("torch_eager")
+        cells = [r["kind"], str(r["bits"]),
+                 f"{r['cupy']['ms']:.2f} ({100 * r['cupy']['fraction_of_copy']:.0f}%)",
+                 f"{r['torch_fused']['ms']:.2f} ({100 * r['torch_fused']['fraction_of_copy']:.0f}%)",
+                 f"{r['fused_over_cupy']:.2f}x", f"{eg['ms']:.1f}" if eg else "-",
+                 f"{r['fused_bytes_equal']}, {r.get('eager_bytes_equal', '-')}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    edge_lines = ["", "Edge configurations (bytes of the compiled torch path against CuPy, 70001 rows incl. zero, tiny, huge):", ""]
+    edge_lines += [f"- {e}" for e in edge]
+    head = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    (out / "torch_fused_encode.md").write_text("# torch_fused_encode\n\n" + head + "\n\n" + "\n".join(lines + edge_lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
