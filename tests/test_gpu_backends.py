@@ -129,6 +129,29 @@ def test_encode_against_reference(target, case):
         check_encoding(plan, xr, got, dense_exact=target.exact)
 
 
+FUSED_CASES = [(128, 3, "mse", False), (128, 4, "prod", False), (100, 2, "mse", True), (64, 1, "prod", True)]
+
+
+@pytest.mark.gpu
+@settings(max_examples=24, **SETTINGS)
+@given(setting=st.sampled_from(FUSED_CASES), n=st.sampled_from([1, 129, 1500]),
+       scale=st.sampled_from(["unit", "tiny", "huge", "subnormal", "mixed", "zeros", "one_hot"]),
+       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**32 - 1))
+def test_compiled_torch_encode_on_cuda(setting, n, scale, dtype, seed):
+    """The torch.compile'd encode core on CUDA (Triton kernels, strict numerics) against the
+    reference: hadamard codes and norms bit-identical, QJL signs within FORMAT.md section 5."""
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("needs a CUDA GPU and torch")
+    from tq.backends import torch_backend as tb
+
+    dim, bits, kind, nc = setting
+    plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=3, norm_correction=nc).plan()
+    xt, xr = as_dtype(make_input(np.random.default_rng(seed), n, dim, scale, dtype), dtype)
+    with np.errstate(all="ignore"):
+        check_encoding(plan, xr, tb.encode_fused(plan, xt.cuda()), dense_exact=False)
+
+
 @pytest.mark.gpu
 @settings(max_examples=12, **SETTINGS)
 @given(case=gpu_cases())

@@ -312,3 +312,20 @@ def test_torch_is_imported_lazily_and_optional():
             "try:\n    tq.get_backend('torch')\nexcept RuntimeError as e:\n    assert 'pip install' in str(e)\n"
             "else:\n    raise SystemExit('no error')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------- compiled encode core
+@pytest.mark.parametrize("dim,bits,kind,nc,dtype", [(128, 3, "mse", False, "float16"), (100, 4, "prod", True, "float32"),
+                                                   (96, 1, "prod", False, "bfloat16")])
+def test_compiled_encode_matches_eager(dim, bits, kind, nc, dtype):
+    """tb.encode_fused (torch.compile, strict numerics) writes the eager path's bytes,
+    zero, tiny and huge rows included, for a short input (one padded bucket)."""
+    from tq.backends import torch_backend as tb
+
+    plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=11, norm_correction=nc).plan()
+    rng = np.random.default_rng(dim)
+    x64 = np.concatenate([make_input(rng, 200, dim, s, dtype) for s in ("unit", "mixed", "zeros", "huge")])
+    xt, _ = as_dtype(x64, dtype)
+    want, got = tq.get_backend("torch").encode(plan, xt), tb.encode_fused(plan, xt)
+    for nm in ("codes", "norms", "qjl", "rnorms"):
+        assert torch.equal(getattr(got, nm), getattr(want, nm)), nm

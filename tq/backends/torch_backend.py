@@ -326,21 +326,39 @@ def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod
     return codes, norms, res, rnorm
 
 
-def fused_encode_fn(plan, device):
-    """The compiled encode core for ``plan`` on ``device`` (cached), or None where it does not apply."""
+_COMPILED: dict = {}
+_MIN_ROWS = 1024  # smallest compiled chunk: shorter inputs are zero-padded to a power of two
+
+
+def fused_encode_fn(plan):
+    """The compiled encode core for ``plan``'s static settings (cached), or None where it does not apply.
+
+    Each setting gets its own copy of the code object, so that torch.compile's
+    per-function recompile limit counts shapes of one setting, not settings."""
     if plan.signs is None or torch is None or not hasattr(torch, "compile"):
         return None
     cfg = plan.config
-
-    def make():
+    key = (plan.dim, plan.padded_dim, cfg.mse_bits, cfg.kind == "prod", cfg.norm_correction,
+           cfg.norm_dtype == "float16")
+    if key not in _COMPILED:
         import functools
+        import types
 
-        core = functools.partial(_encode_core, dim=plan.dim, p=plan.padded_dim, bits=cfg.mse_bits,
-                                 prod=cfg.kind == "prod", nc=cfg.norm_correction,
-                                 f16=cfg.norm_dtype == "float16")
-        return torch.compile(core, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
+        code = _encode_core.__code__.replace(co_name=f"_encode_core_{'_'.join(map(str, map(int, key)))}")
+        core = types.FunctionType(code, _encode_core.__globals__, code.co_name)
+        core = functools.partial(core, dim=key[0], p=key[1], bits=key[2], prod=key[3], nc=key[4], f16=key[5])
+        _COMPILED[key] = torch.compile(core, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
+    return _COMPILED[key]
 
-    return plan.cached(("torch-compiled-encode", str(device)), make)
+
+def _chunk_rows(n, step):
+    """Rows of each compiled call: ``step`` for long inputs, else a power of two >= n (few shapes)."""
+    if n >= step:
+        return step
+    r = _MIN_ROWS
+    while r < n:
+        r *= 2
+    return r
 
 
 def encode_fused(plan, x, fn=None):
@@ -348,7 +366,7 @@ def encode_fused(plan, x, fn=None):
     cfg = plan.config
     dev = x.device
     prm = _params(plan, dev)
-    fn = fn or fused_encode_fn(plan, dev)
+    fn = fn or fused_encode_fn(plan)
     n, p = x.shape[0], plan.padded_dim
     ndt = torch.float16 if cfg.norm_dtype == "float16" else torch.float32
     b = cfg.mse_bits
@@ -356,12 +374,12 @@ def encode_fused(plan, x, fn=None):
     norms = torch.empty((n if b > 0 else 0,), dtype=ndt, device=dev)
     qjl = torch.empty((n, plan.qjl_bytes), dtype=torch.uint8, device=dev)
     rnorms = torch.empty((n if cfg.kind == "prod" else 0,), dtype=ndt, device=dev)
-    step = max(1, _CHUNK_ELEMS // p)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
+    rows = _chunk_rows(n, max(1, _CHUNK_ELEMS // p))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
         xc = x[lo:hi]
-        if hi - lo < step and n > step:  # one static shape: pad the last chunk
-            xc = torch.nn.functional.pad(xc, (0, 0, 0, step - (hi - lo)))
+        if hi - lo < rows:  # one static shape per bucket: zero rows are valid input
+            xc = torch.nn.functional.pad(xc, (0, 0, 0, rows - (hi - lo)))
         cb, nb, res, rn = fn(xc, prm["signs"], prm["boundaries"], prm["centroids"], prm["shifts8"])
         k = hi - lo
         if b > 0:
