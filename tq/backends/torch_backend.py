@@ -274,16 +274,33 @@ def _exponent(m):
     return torch.where(m == 0, torch.zeros_like(biased), (biased - 126).clamp(-126, 126))
 
 
-def _fwht_stacked(v):
-    """fwht() as stacked adds and subtracts (same values, no out= views)."""
+def _fwht_stacked(v, group=None):
+    """fwht() as stacked adds and subtracts (same values, no out= views).
+
+    ``group`` stages at a time (default FWHT_GROUP) are written as one stack of
+    2**group expressions, each the butterfly's own adds in the butterfly's order,
+    so that the compiler emits one kernel per group instead of one per stage."""
+    group = group or FWHT_GROUP
     n, p = v.shape
     h = 1
     while h < p:
-        s = v.view(n, p // (2 * h), 2, h)
-        a, b = s[:, :, 0, :], s[:, :, 1, :]
-        v = torch.stack((a + b, a - b), dim=2).reshape(n, p)
-        h *= 2
+        k = 1
+        while k < group and h * 2 ** (k + 1) <= p:
+            k += 1
+        m = 1 << k
+        s = v.view(n, p // (h * m), m, h)
+        a = [s[:, :, j, :] for j in range(m)]
+        for t in range(k):
+            w = 1 << t
+            for j in range(m):
+                if not j & w:
+                    a[j], a[j + w] = a[j] + a[j + w], a[j] - a[j + w]
+        v = torch.stack(a, dim=2).reshape(n, p)
+        h *= m
     return v
+
+
+FWHT_GROUP = 1
 
 
 def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16):
