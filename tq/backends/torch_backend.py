@@ -206,18 +206,23 @@ def _chunks(n, width, elems):
         yield lo, min(n, lo + step)
 
 
+def _empty_parts(plan, n, dev):
+    """Uninitialized output tensors (codes, norms, qjl, rnorms) for n encoded rows."""
+    cfg = plan.config
+    ndt = torch.float16 if cfg.norm_dtype == "float16" else torch.float32
+    return (torch.empty((n, plan.code_bytes), dtype=torch.uint8, device=dev),
+            torch.empty((n if cfg.mse_bits > 0 else 0,), dtype=ndt, device=dev),
+            torch.empty((n, plan.qjl_bytes), dtype=torch.uint8, device=dev),
+            torch.empty((n if cfg.kind == "prod" else 0,), dtype=ndt, device=dev))
+
+
 # ----------------------------------------------------------------- kernels
 def encode(plan, x):
     cfg = plan.config
     dev = x.device
     prm = _params(plan, dev)
-    n, p = x.shape[0], plan.padded_dim
-    ndt = torch.float16 if cfg.norm_dtype == "float16" else torch.float32
-    b = cfg.mse_bits
-    codes = torch.empty((n, plan.code_bytes), dtype=torch.uint8, device=dev)
-    norms = torch.empty((n if b > 0 else 0,), dtype=ndt, device=dev)
-    qjl = torch.empty((n, plan.qjl_bytes), dtype=torch.uint8, device=dev)
-    rnorms = torch.empty((n if cfg.kind == "prod" else 0,), dtype=ndt, device=dev)
+    n, p, b = x.shape[0], plan.padded_dim, cfg.mse_bits
+    codes, norms, qjl, rnorms = _empty_parts(plan, n, dev)
     for lo, hi in _chunks(n, p, _CHUNK_ELEMS):
         _encode_chunk(plan, prm, x[lo:hi], b, codes[lo:hi], norms[lo:hi] if b > 0 else None,
                       qjl[lo:hi], rnorms[lo:hi] if cfg.kind == "prod" else None)
@@ -274,6 +279,9 @@ def _exponent(m):
     return torch.where(m == 0, torch.zeros_like(biased), (biased - 126).clamp(-126, 126))
 
 
+FWHT_GROUP = 1  # butterfly stages per stacked kernel in _fwht_stacked (probe_torch_fused.py times 1 vs 4)
+
+
 def _fwht_stacked(v, group=None):
     """fwht() as stacked adds and subtracts (same values, no out= views).
 
@@ -300,11 +308,9 @@ def _fwht_stacked(v, group=None):
     return v
 
 
-FWHT_GROUP = 1
-
-
 def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16):
-    """(codes, norms, residual or None, rnorm factor or None) of float rows x, hadamard rotation."""
+    """(codes, norms, residual, residual norm) of float rows x, hadamard rotation; the last two None
+    for kind mse, the first two None for 0 MSE bits.  The QJL product of the residual stays outside."""
     x = x.to(torch.float32)
     e = _exponent(x.abs().amax(dim=1))
     v = x * _pow2(-e)[:, None]
@@ -372,10 +378,7 @@ def _chunk_rows(n, step):
     """Rows of each compiled call: ``step`` for long inputs, else a power of two >= n (few shapes)."""
     if n >= step:
         return step
-    r = _MIN_ROWS
-    while r < n:
-        r *= 2
-    return r
+    return max(_MIN_ROWS, next_pow2(n))
 
 
 def encode_fused(plan, x, fn=None):
@@ -384,13 +387,8 @@ def encode_fused(plan, x, fn=None):
     dev = x.device
     prm = _params(plan, dev)
     fn = fn or fused_encode_fn(plan)
-    n, p = x.shape[0], plan.padded_dim
-    ndt = torch.float16 if cfg.norm_dtype == "float16" else torch.float32
-    b = cfg.mse_bits
-    codes = torch.empty((n, plan.code_bytes), dtype=torch.uint8, device=dev)
-    norms = torch.empty((n if b > 0 else 0,), dtype=ndt, device=dev)
-    qjl = torch.empty((n, plan.qjl_bytes), dtype=torch.uint8, device=dev)
-    rnorms = torch.empty((n if cfg.kind == "prod" else 0,), dtype=ndt, device=dev)
+    n, p, b = x.shape[0], plan.padded_dim, cfg.mse_bits
+    codes, norms, qjl, rnorms = _empty_parts(plan, n, dev)
     rows = _chunk_rows(n, max(1, _CHUNK_ELEMS // p))
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
