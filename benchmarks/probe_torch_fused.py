@@ -53,8 +53,12 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=["mse", "prod"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eager", action="store_true", help="also time the eager torch path (slow)")
-    ap.add_argument("--groups", type=int, nargs="+", default=[1, 4],
-                    help="torch_backend.FWHT_GROUP values to compile and time side by side")
+    ap.add_argument("--groups", type=int, nargs="+", default=[1, 2, 3],
+                    help="FWHT groups (butterfly stages per kernel) to compile and time side by side")
+    ap.add_argument("--chunk-elems", type=int, nargs="+", default=[tb._CHUNK_ELEMS],
+                    help="torch_backend._CHUNK_ELEMS values (elements per compiled call) timed side by side")
+    ap.add_argument("--profile", action="store_true",
+                    help="write the CUDA kernels of one compiled call (first kind and bits) to torch_fused_profile.md")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     import cupy as cp
@@ -75,8 +79,7 @@ def main():
         x[0] = 0
         x[1] *= 1e-30 if dt != torch.float16 else 1e-4
         x[2] = x[2] * (1e30 if dt != torch.float16 else 3e3)
-        tb.FWHT_GROUP = args.groups[-1]
-        ok = same(cupy_be.encode(plan, cp.from_dlpack(x)), tb.encode_fused(plan, x), cp)
+        ok = same(cupy_be.encode(plan, cp.from_dlpack(x)), tb.encode_fused(plan, x, tb.fused_encode_fn(plan, args.groups[-1])), cp)
         edge.append({"dim": dim, "bits": bits, "kind": kind, "norm_correction": nc, "dtype": str(dt), "bytes_equal": ok})
         print("edge", edge[-1], flush=True)
     n, d = args.n, 128
@@ -90,16 +93,20 @@ def main():
             row = {"kind": kind, "bits": bits}
             fns = {"cupy": lambda: cupy_be.encode(plan, xc)}
             for grp in args.groups:
-                tb.FWHT_GROUP = grp
-                tb._COMPILED.clear()
-                t0 = time.time()
-                fused = tb.encode_fused(plan, x)
-                torch.cuda.synchronize()
-                row[f"compile_s_group{grp}"] = round(time.time() - t0, 1)
-                row[f"fused_equal_group{grp}"] = same(ref, fused, cp)
-                del fused
-                fn = tb.fused_encode_fn(plan)
-                fns[f"torch_fused_g{grp}"] = (lambda f=fn: tb.encode_fused(plan, x, f))
+                for ce in args.chunk_elems:
+                    tb._CHUNK_ELEMS = ce
+                    tag = f"g{grp}" + (f"_c{ce.bit_length() - 1}" if len(args.chunk_elems) > 1 else "")
+                    tb._COMPILED.clear()
+                    fn = tb.fused_encode_fn(plan, grp)
+                    t0 = time.time()
+                    fused = tb.encode_fused(plan, x, fn)
+                    torch.cuda.synchronize()
+                    row[f"compile_s_{tag}"] = round(time.time() - t0, 1)
+                    row[f"fused_equal_{tag}"] = same(ref, fused, cp)
+                    del fused
+                    fns[f"torch_fused_{tag}"] = (lambda f=fn, c=ce: timed_chunks(tb, c, lambda: tb.encode_fused(plan, x, f)))
+                    if args.profile and not rows and ce == args.chunk_elems[0]:
+                        profile(torch, tb, ce, lambda f=fn: tb.encode_fused(plan, x, f), args.out, f"{kind} b{bits} {tag}")
             if args.eager:
                 row["eager_bytes_equal"] = same(ref, torch_be.encode(plan, x), cp)
                 fns["torch_eager"] = lambda: torch_be.encode(plan, x)
@@ -110,25 +117,55 @@ def main():
                 cp.get_default_memory_pool().free_all_blocks()
                 torch.cuda.empty_cache()
             best = min((k for k in row if k.startswith("torch_fused_g")), key=lambda k: row[k]["ms"])
-            row["torch_fused"], row["best_group"] = row[best], int(best[len("torch_fused_g"):])
-            row["fused_bytes_equal"] = row[f"fused_equal_group{row['best_group']}"]
+            row["torch_fused"], row["best_variant"] = row[best], best[len("torch_fused_"):]
+            row["fused_bytes_equal"] = row[f"fused_equal_{row['best_variant']}"]
             row["fused_over_cupy"] = row["torch_fused"]["ms"] / row["cupy"]["ms"]
             rows.append(row)
             print(row, flush=True)
             write(args.out, env, rows, edge)
 
 
+def timed_chunks(tb, chunk_elems, fn):
+    tb._CHUNK_ELEMS = chunk_elems
+    return fn()
+
+
+_PROFILES: list = []
+
+
+def profile(torch, tb, chunk_elems, fn, out, label):
+    """CUDA kernels of one call, by total device time (where the compiled path spends it)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    timed_chunks(tb, chunk_elems, fn)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        timed_chunks(tb, chunk_elems, fn)
+        torch.cuda.synchronize()
+    events = [e for e in p.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    lines = [f"## torch_fused_profile ({label})", "", f"total device time {total / 1e3:.2f} ms", "",
+             "| kernel | calls | device ms | share |", "|---|---|---|---|"]
+    for e in events[:25]:
+        lines.append(f"| `{e.key[:90]}` | {e.count} | {e.device_time_total / 1e3:.2f} | {100 * e.device_time_total / total:.1f}% |")
+    _PROFILES.append("\n".join(lines) + "\n")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "torch_fused_profile.md").write_text("\n".join(_PROFILES))
+    print("\n".join(lines), flush=True)
+
+
 def write(out, env, rows, edge):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "torch_fused_encode.json").write_text(json.dumps({"environment": env, "rows": rows, "edge": edge}, indent=1))
-    lines = ["| kind | bits | CuPy ms (% copy) | torch compiled ms (% copy), best FWHT group | compiled / CuPy | torch eager ms | bytes equal (compiled, eager) |",
+    lines = ["| kind | bits | CuPy ms (% copy) | torch compiled ms (% copy), best variant | compiled / CuPy | torch eager ms | bytes equal (compiled, eager) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         eg = r.get("torch_eager")
         cells = [r["kind"], str(r["bits"]),
                  f"{r['cupy']['ms']:.2f} ({100 * r['cupy']['fraction_of_copy']:.0f}%)",
-                 f"{r['torch_fused']['ms']:.2f} ({100 * r['torch_fused']['fraction_of_copy']:.0f}%), g{r['best_group']}",
+                 f"{r['torch_fused']['ms']:.2f} ({100 * r['torch_fused']['fraction_of_copy']:.0f}%), {r['best_variant']}",
                  f"{r['fused_over_cupy']:.2f}x", f"{eg['ms']:.1f}" if eg else "-",
                  f"{r['fused_bytes_equal']}, {r.get('eager_bytes_equal', '-')}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -86,6 +86,7 @@ _BUILTIN = {
     "numpy": "tq.backends.numpy_backend",
     "numba": "tq.backends.numba_backend",
     "torch": "tq.backends.torch_backend",
+    "torch-compiled": "tq.backends.torch_backend",
     "cupy": "tq.backends.cupy_backend",
 }
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -146,6 +147,7 @@ def available_backends() -> list[str]:
 _HINTS: dict[str, str] = {
     "numba": "Install it with `pip install numba`.",
     "torch": "Install it with `pip install tq[torch]` (or `pip install torch`).",
+    "torch-compiled": "Install it with `pip install tq[torch]` (or `pip install torch`).",
     "cupy": "It needs an NVIDIA GPU and CuPy: `pip install tq[cuda12]` or `tq[cuda13]`.",
 }
 

@@ -270,7 +270,9 @@ def _encode_chunk(plan, prm, x, b, codes, norms, qjl, rnorms):
 # (docs/FORMAT.md fixes every rounding), so the bytes stay the reference's; the GPU
 # tests check that.  Hadamard rotation only (the dense products stay on matmul).
 _STRICT_INDUCTOR = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
-                    "eager_numerics.disable_ftz": True}
+                    "eager_numerics.disable_ftz": True,
+                    # not numerics: lets a stack of 2**4 butterfly outputs stay one pointwise kernel
+                    "max_pointwise_cat_inputs": 16}
 
 
 def _exponent(m):
@@ -308,7 +310,7 @@ def _fwht_stacked(v, group=None):
     return v
 
 
-def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16):
+def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16, group):
     """(codes, norms, residual, residual norm) of float rows x, hadamard rotation; the last two None
     for kind mse, the first two None for 0 MSE bits.  The QJL product of the residual stays outside."""
     x = x.to(torch.float32)
@@ -317,7 +319,7 @@ def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod
     if dim < p:
         v = torch.nn.functional.pad(v, (0, p - dim))
     for r in range(signs.shape[0]):
-        v = _fwht_stacked(v * signs[r])
+        v = _fwht_stacked(v * signs[r], group)
     y = v * np.float32(1.0 / p)
     norm = sqrt_rn(tree_sum_squares(y))
     safe = torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -326,13 +328,14 @@ def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod
     ndt = torch.float16 if f16 else torch.float32
     codes = norms = c = None
     if bits > 0:
-        idx = torch.searchsorted(boundaries, u, right=False, out_int32=True)
+        # searchsorted(right=False) as a count of boundaries below u (same integers, fusable)
+        idx = (u[:, :, None] > boundaries).sum(dim=2, dtype=torch.int32)
         c = centroids[idx.long()]
         if nc:
             cd = c
             if dim < p:  # decoded direction: the inverse rotation of c, truncated to dim
                 for r in range(signs.shape[0] - 1, -1, -1):
-                    cd = _fwht_stacked(cd) * signs[r]
+                    cd = _fwht_stacked(cd, group) * signs[r]
                 cd = (cd * np.float32(1.0 / p))[:, :dim]
             cn = sqrt_rn(tree_sum_squares(cd))
             stored = (norm / cn) * pow2e
@@ -350,35 +353,43 @@ def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod
 
 
 _COMPILED: dict = {}
-_MIN_ROWS = 1024  # smallest compiled chunk: shorter inputs are zero-padded to a power of two
+_MIN_ROWS = 1024  # smallest compiled chunk: shorter inputs are zero-padded to a power of four
 
 
-def fused_encode_fn(plan):
-    """The compiled encode core for ``plan``'s static settings (cached), or None where it does not apply.
+def fused_encode_fn(plan, group=None):
+    """The compiled encode core for ``plan``'s static settings and the FWHT ``group`` (default
+    FWHT_GROUP), cached; None where it does not apply.
 
     Each setting gets its own copy of the code object, so that torch.compile's
     per-function recompile limit counts shapes of one setting, not settings."""
     if plan.signs is None or torch is None or not hasattr(torch, "compile"):
         return None
     cfg = plan.config
+    # every setting is an argument, not a global: dynamo would guard on a global and silently
+    # recompile when it changes
     key = (plan.dim, plan.padded_dim, cfg.mse_bits, cfg.kind == "prod", cfg.norm_correction,
-           cfg.norm_dtype == "float16")
+           cfg.norm_dtype == "float16", group or FWHT_GROUP)
     if key not in _COMPILED:
-        import functools
         import types
 
+        # a plain function with its settings as keyword defaults: torch.compile wraps a
+        # functools.partial in one shared helper, whose recompile limit all settings would share
         code = _encode_core.__code__.replace(co_name=f"_encode_core_{'_'.join(map(str, map(int, key)))}")
         core = types.FunctionType(code, _encode_core.__globals__, code.co_name)
-        core = functools.partial(core, dim=key[0], p=key[1], bits=key[2], prod=key[3], nc=key[4], f16=key[5])
+        core.__kwdefaults__ = dict(zip(("dim", "p", "bits", "prod", "nc", "f16", "group"), key))
         _COMPILED[key] = torch.compile(core, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
     return _COMPILED[key]
 
 
 def _chunk_rows(n, step):
-    """Rows of each compiled call: ``step`` for long inputs, else a power of two >= n (few shapes)."""
+    """Rows of each compiled call: ``step`` for long inputs, else a power of four >= n, so that one
+    setting compiles at most a handful of shapes (torch.compile's recompile limit is 8)."""
     if n >= step:
         return step
-    return max(_MIN_ROWS, next_pow2(n))
+    rows = _MIN_ROWS
+    while rows < n:
+        rows *= 4
+    return min(rows, step)
 
 
 def encode_fused(plan, x, fn=None):
@@ -509,3 +520,20 @@ class TorchBackend(Backend):
 
     def scores(self, plan, q, parts):
         return scores(plan, q, parts)
+
+
+@register_backend
+class TorchCompiledBackend(TorchBackend):
+    """The torch backend with its hadamard encode compiled by torch.compile (encode_fused).
+
+    Same bytes as ``"torch"`` (strict numerics; tests/test_gpu_backends.py checks it on CUDA).
+    The first call of each setting compiles it (seconds); worth it on CUDA for large inputs,
+    not on CPU (docs/GPU_BACKENDS.md has the measurements).  The dense haar rotation, decode
+    and scores run the eager torch code."""
+
+    name = "torch-compiled"
+
+    def encode(self, plan, x):
+        if fused_encode_fn(plan) is None:
+            return encode(plan, x)
+        return encode_fused(plan, x)
