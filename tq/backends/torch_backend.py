@@ -281,7 +281,7 @@ def _exponent(m):
     return torch.where(m == 0, torch.zeros_like(biased), (biased - 126).clamp(-126, 126))
 
 
-FWHT_GROUP = 1  # butterfly stages per stacked kernel in _fwht_stacked (probe_torch_fused.py times 1 vs 4)
+FWHT_GROUP = 2  # butterfly stages per stacked kernel: the fastest measured (torch_fused_encode_h100.md)
 
 
 def _fwht_stacked(v, group=None):
