@@ -164,9 +164,9 @@ def main():
                 bytes_moved = {"compress": n * d * 2 + n * bpv, "decompress": n * bpv + n * d * 4,
                                "inner_product": n * bpv + m * n * 4}
                 for name in args.backends:
-                    if name == "torch" and time.time() - t_start > args.deadline:
-                        print(f"torch {rotation} {kind} b={bits}: skipped (deadline)", flush=True)
-                        env.setdefault("skipped", []).append(f"torch {rotation} {kind} {bits}")
+                    if name != "cupy" and time.time() - t_start > args.deadline:
+                        print(f"{name} {rotation} {kind} b={bits}: skipped (deadline)", flush=True)
+                        env.setdefault("skipped", []).append(f"{name} {rotation} {kind} {bits}")
                         continue
                     be = tq.get_backend(name)
                     xin, qin = (x_cp, q_cp) if name == "cupy" else (x, q_t)

@@ -340,3 +340,18 @@ def test_torch_compiled_backend_writes_torch_bytes(rotation):
     want, got = tq.compress(x, backend="torch", **kw), tq.compress(x, backend="torch-compiled", **kw)
     assert got.tobytes() == want.tobytes()
     assert torch.equal(tq.decompress(got), tq.decompress(want))
+
+
+@pytest.mark.parametrize("dim,bits,kind", [(128, 2, "mse"), (100, 8, "mse"), (96, 1, "prod"), (64, 3, "prod")])
+def test_compiled_decode_matches_eager(dim, bits, kind):
+    """tb.decode_fused (torch.compile, strict numerics) returns the eager decode's values
+    exactly, for zero and huge rows too, and for 0 MSE bits (prod at 1 bit)."""
+    from tq.backends import torch_backend as tb
+
+    plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=12, norm_dtype="float32").plan()
+    rng = np.random.default_rng(bits)
+    x = torch.from_numpy(np.concatenate([make_input(rng, 150, dim, s, "float32") for s in ("unit", "zeros", "huge")]))
+    parts = tb.encode(plan, x.to(torch.float32))
+    want, got = tb.decode(plan, parts), tb.decode_fused(plan, parts)
+    assert got.dtype == torch.float32 and got.shape == (450, dim)
+    assert torch.equal(got, want)

@@ -356,29 +356,48 @@ _COMPILED: dict = {}
 _MIN_ROWS = 1024  # smallest compiled chunk: shorter inputs are zero-padded to a power of four
 
 
-def fused_encode_fn(plan, group=None):
-    """The compiled encode core for ``plan``'s static settings and the FWHT ``group`` (default
-    FWHT_GROUP), cached; None where it does not apply.
+def _compile_setting(core, settings):
+    """torch.compile of ``core`` with the keyword-only ``settings`` fixed (cached per setting).
 
-    Each setting gets its own copy of the code object, so that torch.compile's
-    per-function recompile limit counts shapes of one setting, not settings."""
-    if plan.signs is None or torch is None or not hasattr(torch, "compile"):
-        return None
-    cfg = plan.config
-    # every setting is an argument, not a global: dynamo would guard on a global and silently
-    # recompile when it changes
-    key = (plan.dim, plan.padded_dim, cfg.mse_bits, cfg.kind == "prod", cfg.norm_correction,
-           cfg.norm_dtype == "float16", group or FWHT_GROUP)
+    Each setting gets its own copy of the code object as a plain function with its settings as
+    keyword defaults, so that torch.compile's per-function recompile limit counts shapes of one
+    setting, not settings (a functools.partial would be wrapped in one shared helper).  Every
+    setting is an argument, not a global: dynamo guards on globals and silently recompiles
+    when they change."""
+    key = (core.__name__,) + tuple(settings.items())
     if key not in _COMPILED:
         import types
 
-        # a plain function with its settings as keyword defaults: torch.compile wraps a
-        # functools.partial in one shared helper, whose recompile limit all settings would share
-        code = _encode_core.__code__.replace(co_name=f"_encode_core_{'_'.join(map(str, map(int, key)))}")
-        core = types.FunctionType(code, _encode_core.__globals__, code.co_name)
-        core.__kwdefaults__ = dict(zip(("dim", "p", "bits", "prod", "nc", "f16", "group"), key))
-        _COMPILED[key] = torch.compile(core, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
+        name = f"{core.__name__}_{'_'.join(str(int(v)) for v in settings.values())}"
+        code = core.__code__.replace(co_name=name)
+        fn = types.FunctionType(code, core.__globals__, name)
+        fn.__kwdefaults__ = dict(settings)
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=dict(_STRICT_INDUCTOR))
     return _COMPILED[key]
+
+
+def _compilable(plan):
+    return plan.signs is not None and torch is not None and hasattr(torch, "compile")
+
+
+def fused_encode_fn(plan, group=None):
+    """The compiled encode core for ``plan``'s static settings and the FWHT ``group`` (default
+    FWHT_GROUP), cached; None where it does not apply (the dense haar rotation)."""
+    if not _compilable(plan):
+        return None
+    cfg = plan.config
+    return _compile_setting(_encode_core, dict(
+        dim=plan.dim, p=plan.padded_dim, bits=cfg.mse_bits, prod=cfg.kind == "prod",
+        nc=cfg.norm_correction, f16=cfg.norm_dtype == "float16", group=group or FWHT_GROUP))
+
+
+def fused_decode_fn(plan, group=None):
+    """The compiled decode core for ``plan`` (hadamard only; None otherwise), cached."""
+    if not _compilable(plan):
+        return None
+    return _compile_setting(_decode_core, dict(
+        dim=plan.dim, p=plan.padded_dim, bits=plan.config.mse_bits,
+        prod=plan.config.kind == "prod", group=group or FWHT_GROUP))
 
 
 def _chunk_rows(n, step):
@@ -392,6 +411,20 @@ def _chunk_rows(n, step):
     return min(rows, step)
 
 
+def _padded_chunks(n, width, elems):
+    """(lo, hi, rows) of each compiled call: rows >= hi - lo is one of a few static shapes."""
+    rows = _chunk_rows(n, max(1, elems // width))
+    for lo in range(0, n, rows):
+        yield lo, min(n, lo + rows), rows
+
+
+def _pad_rows(t, rows):
+    """t with zero rows appended up to ``rows`` (zero rows are valid input everywhere)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.shape[0]))
+
+
 def encode_fused(plan, x, fn=None):
     """encode() through the compiled core (chunked like encode); same Parts, same bytes."""
     cfg = plan.config
@@ -400,13 +433,9 @@ def encode_fused(plan, x, fn=None):
     fn = fn or fused_encode_fn(plan)
     n, p, b = x.shape[0], plan.padded_dim, cfg.mse_bits
     codes, norms, qjl, rnorms = _empty_parts(plan, n, dev)
-    rows = _chunk_rows(n, max(1, _CHUNK_ELEMS // p))
-    for lo in range(0, n, rows):
-        hi = min(n, lo + rows)
-        xc = x[lo:hi]
-        if hi - lo < rows:  # one static shape per bucket: zero rows are valid input
-            xc = torch.nn.functional.pad(xc, (0, 0, 0, rows - (hi - lo)))
-        cb, nb, res, rn = fn(xc, prm["signs"], prm["boundaries"], prm["centroids"], prm["shifts8"])
+    for lo, hi, rows in _padded_chunks(n, p, _CHUNK_ELEMS):
+        cb, nb, res, rn = fn(_pad_rows(x[lo:hi], rows), prm["signs"], prm["boundaries"], prm["centroids"],
+                             prm["shifts8"])
         k = hi - lo
         if b > 0:
             codes[lo:hi] = cb[:k]
@@ -416,6 +445,53 @@ def encode_fused(plan, x, fn=None):
             qjl[lo:hi] = pack_bits((proj >= 0).to(torch.uint8), p, 1, prm["shifts8"])
             rnorms[lo:hi] = rn[:k]
     return Parts(codes, norms, qjl, rnorms)
+
+
+def _unpack_codes(packed, *, p, bits, shifts8):
+    """unpack_bits() without out= views: each group of 8 codes as one int64 word."""
+    n, g = packed.shape[0], (p + 7) // 8
+    if packed.shape[1] != g * bits:
+        packed = torch.nn.functional.pad(packed, (0, g * bits - packed.shape[1]))
+    b = packed.view(n, g, bits).to(torch.int64)
+    words = b[:, :, 0]
+    for k in range(1, bits):
+        words = words | torch.bitwise_left_shift(b[:, :, k], 8 * k)
+    codes = torch.bitwise_right_shift(words[:, :, None], shifts8 * bits) & ((1 << bits) - 1)
+    return codes.view(n, g * 8)[:, :p]
+
+
+def _decode_core(codes, norms, qjl_term, signs, centroids, shifts8, *, dim, p, bits, prod, group):
+    """decode() of one chunk with the hadamard rotation: centroids times norms, plus the QJL
+    term (computed outside: a matmul) for kind prod, rotated back and truncated to dim."""
+    y = qjl_term if prod else None
+    if bits > 0:
+        m = centroids[_unpack_codes(codes, p=p, bits=bits, shifts8=shifts8)] * norms.to(torch.float32)[:, None]
+        y = m if y is None else m + y
+    if y is None:
+        y = torch.zeros((codes.shape[0], p), dtype=torch.float32, device=codes.device)
+    for r in range(signs.shape[0] - 1, -1, -1):
+        y = _fwht_stacked(y, group) * signs[r]
+    return (y * np.float32(1.0 / p))[:, :dim]
+
+
+def decode_fused(plan, parts, fn=None):
+    """decode() through the compiled core (hadamard only): the eager path's values."""
+    cfg = plan.config
+    dev = parts.codes.device
+    prm = _params(plan, dev)
+    fn = fn or fused_decode_fn(plan)
+    n, p = parts.codes.shape[0], plan.padded_dim
+    out = torch.empty((n, plan.dim), dtype=torch.float32, device=dev)
+    for lo, hi, rows in _padded_chunks(n, p, _CHUNK_ELEMS // 4):
+        z = None
+        if cfg.kind == "prod":
+            signs = unpack_bits(parts.qjl[lo:hi], p, 1, prm["shifts8"]).to(torch.float32) * 2 - 1
+            gamma = parts.rnorms[lo:hi].to(torch.float32) * np.float32(plan.qjl_scale)
+            z = _pad_rows(_mm(signs, prm["qjl"]) * gamma[:, None], rows)
+        norms = _pad_rows(parts.norms[lo:hi], rows) if cfg.mse_bits > 0 else parts.norms  # (0,): unused
+        y = fn(_pad_rows(parts.codes[lo:hi], rows), norms, z, prm["signs"], prm["centroids"], prm["shifts8"])
+        out[lo:hi] = y[: hi - lo]
+    return out
 
 
 def _rotated_estimate(plan, prm, parts, lo, hi):
@@ -528,8 +604,8 @@ class TorchCompiledBackend(TorchBackend):
 
     Same bytes as ``"torch"`` (strict numerics; tests/test_gpu_backends.py checks it on CUDA).
     The first call of each setting compiles it (seconds); worth it on CUDA for large inputs,
-    not on CPU (docs/GPU_BACKENDS.md has the measurements).  The dense haar rotation, decode
-    and scores run the eager torch code."""
+    not on CPU (docs/GPU_BACKENDS.md has the measurements).  Decode is compiled the same way
+    (same values as "torch").  The dense haar rotation and scores run the eager torch code."""
 
     name = "torch-compiled"
 
@@ -537,3 +613,8 @@ class TorchCompiledBackend(TorchBackend):
         if fused_encode_fn(plan) is None:
             return encode(plan, x)
         return encode_fused(plan, x)
+
+    def decode(self, plan, parts):
+        if fused_decode_fn(plan) is None:
+            return decode(plan, parts)
+        return decode_fused(plan, parts)
