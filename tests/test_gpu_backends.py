@@ -153,6 +153,23 @@ def test_compiled_torch_encode_on_cuda(setting, n, scale, dtype, seed):
 
 
 @pytest.mark.gpu
+@settings(max_examples=8, **SETTINGS)
+@given(setting=st.sampled_from(FUSED_CASES), n=st.sampled_from([1, 129, 1500]),
+       scale=st.sampled_from(["unit", "tiny", "huge", "zeros", "mixed"]), seed=st.integers(0, 2**32 - 1))
+def test_compiled_torch_decode_on_cuda(setting, n, scale, seed):
+    """backend="torch-compiled" on CUDA (compiled hadamard decode) decodes and scores the
+    reference's bytes within check_decode_scores' float32 tolerance."""
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("needs a CUDA GPU and torch")
+    dim, bits, kind, nc = setting
+    cfg = tq.QuantizerConfig(dim, bits, kind=kind, seed=3, norm_correction=nc, norm_dtype="float32")
+    rng = np.random.default_rng(seed)
+    x = make_input(rng, n, dim, scale, "float32").astype(np.float32)
+    check_decode_scores(cfg, x, "torch-compiled", lambda a: torch.from_numpy(a).cuda(), rng, device="cuda")
+
+
+@pytest.mark.gpu
 @settings(max_examples=12, **SETTINGS)
 @given(case=gpu_cases())
 def test_decode_and_scores_against_reference(target, case):
