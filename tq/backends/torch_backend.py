@@ -263,8 +263,8 @@ def _encode_chunk(plan, prm, x, b, codes, norms, qjl, rnorms):
         rnorms.copy_(_to_norm(plan, rnorm))
 
 
-# ----------------------------------------------------------------- fused (torch.compile) encode
-# The same operations as _encode_chunk, written without out= views or data-dependent
+# ----------------------------------------------------------------- fused (torch.compile) encode and decode
+# The same operations as _encode_chunk and decode, written without out= views or data-dependent
 # branches so that TorchInductor can fuse them into a few kernels.  Compiled with
 # strict numerics: no multiply-add contraction, IEEE division, no flush-to-zero
 # (docs/FORMAT.md fixes every rounding), so the bytes stay the reference's; the GPU
