@@ -310,6 +310,13 @@ def _fwht_stacked(v, group=None):
     return v
 
 
+def _unrotate_stacked(y, signs, *, dim, p, group):
+    """unrotate() for the hadamard rotation with the stacked FWHT (compile-friendly)."""
+    for r in range(signs.shape[0] - 1, -1, -1):
+        y = _fwht_stacked(y, group) * signs[r]
+    return (y * np.float32(1.0 / p))[:, :dim]
+
+
 def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod, nc, f16, group):
     """(codes, norms, residual, residual norm) of float rows x, hadamard rotation; the last two None
     for kind mse, the first two None for 0 MSE bits.  The QJL product of the residual stays outside."""
@@ -332,11 +339,8 @@ def _encode_core(x, signs, boundaries, centroids, shifts8, *, dim, p, bits, prod
         idx = (u[:, :, None] > boundaries).sum(dim=2, dtype=torch.int32)
         c = centroids[idx.long()]
         if nc:
-            cd = c
-            if dim < p:  # decoded direction: the inverse rotation of c, truncated to dim
-                for r in range(signs.shape[0] - 1, -1, -1):
-                    cd = _fwht_stacked(cd, group) * signs[r]
-                cd = (cd * np.float32(1.0 / p))[:, :dim]
+            # decoded direction: with zero-padding, the inverse rotation of c truncated to dim
+            cd = _unrotate_stacked(c, signs, dim=dim, p=p, group=group) if dim < p else c
             cn = sqrt_rn(tree_sum_squares(cd))
             stored = (norm / cn) * pow2e
             if prod:
@@ -469,9 +473,7 @@ def _decode_core(codes, norms, qjl_term, signs, centroids, shifts8, *, dim, p, b
         y = m if y is None else m + y
     if y is None:
         y = torch.zeros((codes.shape[0], p), dtype=torch.float32, device=codes.device)
-    for r in range(signs.shape[0] - 1, -1, -1):
-        y = _fwht_stacked(y, group) * signs[r]
-    return (y * np.float32(1.0 / p))[:, :dim]
+    return _unrotate_stacked(y, signs, dim=dim, p=p, group=group)
 
 
 def decode_fused(plan, parts, fn=None):
@@ -483,15 +485,18 @@ def decode_fused(plan, parts, fn=None):
     n, p = parts.codes.shape[0], plan.padded_dim
     out = torch.empty((n, plan.dim), dtype=torch.float32, device=dev)
     for lo, hi, rows in _padded_chunks(n, p, _CHUNK_ELEMS // 4):
-        z = None
-        if cfg.kind == "prod":
-            signs = unpack_bits(parts.qjl[lo:hi], p, 1, prm["shifts8"]).to(torch.float32) * 2 - 1
-            gamma = parts.rnorms[lo:hi].to(torch.float32) * np.float32(plan.qjl_scale)
-            z = _pad_rows(_mm(signs, prm["qjl"]) * gamma[:, None], rows)
+        z = _pad_rows(_qjl_term(plan, prm, parts, lo, hi), rows) if cfg.kind == "prod" else None
         norms = _pad_rows(parts.norms[lo:hi], rows) if cfg.mse_bits > 0 else parts.norms  # (0,): unused
         y = fn(_pad_rows(parts.codes[lo:hi], rows), norms, z, prm["signs"], prm["centroids"], prm["shifts8"])
         out[lo:hi] = y[: hi - lo]
     return out
+
+
+def _qjl_term(plan, prm, parts, lo, hi):
+    """The QJL part of the rotated estimate of rows lo:hi (kind prod): gamma * S^T signs."""
+    signs = unpack_bits(parts.qjl[lo:hi], plan.padded_dim, 1, prm["shifts8"]).to(torch.float32) * 2 - 1
+    gamma = parts.rnorms[lo:hi].to(torch.float32) * np.float32(plan.qjl_scale)
+    return _mm(signs, prm["qjl"]) * gamma[:, None]
 
 
 def _rotated_estimate(plan, prm, parts, lo, hi):
@@ -503,9 +508,7 @@ def _rotated_estimate(plan, prm, parts, lo, hi):
         idx = unpack_bits(parts.codes[lo:hi], p, cfg.mse_bits, prm["shifts8"])
         y = prm["centroids"][idx] * parts.norms[lo:hi].to(torch.float32)[:, None]
     if cfg.kind == "prod":
-        signs = unpack_bits(parts.qjl[lo:hi], p, 1, prm["shifts8"]).to(torch.float32) * 2 - 1
-        gamma = parts.rnorms[lo:hi].to(torch.float32) * np.float32(plan.qjl_scale)
-        z = _mm(signs, prm["qjl"]) * gamma[:, None]
+        z = _qjl_term(plan, prm, parts, lo, hi)
         y = z if y is None else y + z
     if y is None:
         y = torch.zeros((hi - lo, p), dtype=torch.float32, device=dev)
@@ -600,21 +603,20 @@ class TorchBackend(Backend):
 
 @register_backend
 class TorchCompiledBackend(TorchBackend):
-    """The torch backend with its hadamard encode compiled by torch.compile (encode_fused).
+    """The torch backend with its hadamard encode and decode compiled by torch.compile
+    (encode_fused, decode_fused).
 
     Same bytes as ``"torch"`` (strict numerics; tests/test_gpu_backends.py checks it on CUDA).
     The first call of each setting compiles it (seconds); worth it on CUDA for large inputs,
-    not on CPU (docs/GPU_BACKENDS.md has the measurements).  Decode is compiled the same way
-    (same values as "torch").  The dense haar rotation and scores run the eager torch code."""
+    not on CPU (docs/GPU_BACKENDS.md has the measurements).  The dense haar rotation and
+    scores run the eager torch code."""
 
     name = "torch-compiled"
 
     def encode(self, plan, x):
-        if fused_encode_fn(plan) is None:
-            return encode(plan, x)
-        return encode_fused(plan, x)
+        fn = fused_encode_fn(plan)
+        return encode(plan, x) if fn is None else encode_fused(plan, x, fn)
 
     def decode(self, plan, parts):
-        if fused_decode_fn(plan) is None:
-            return decode(plan, parts)
-        return decode_fused(plan, parts)
+        fn = fused_decode_fn(plan)
+        return decode(plan, parts) if fn is None else decode_fused(plan, parts, fn)
