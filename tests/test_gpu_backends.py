@@ -126,7 +126,16 @@ def test_encode_against_reference(target, case):
         got = be.encode(plan, target.put(xt))
         if target.name == "cupy-torch" or (target.backend == "torch"):
             assert type(got.codes).__module__.startswith("torch")
-        check_encoding(plan, xr, got, dense_exact=target.exact)
+        check_encoding(plan, xr, got, dense_exact=target.exact, qjl_exact=_cupy_qjl_exact(target, plan))
+
+
+def _cupy_qjl_exact(target, plan):
+    """Whether a target's QJL signs must equal the reference's bytes (CuPy without the
+    tensor-core projection) rather than meet the rounding bound."""
+    if target.backend != "cupy":
+        return None
+    from tq.backends import cupy_backend
+    return not cupy_backend.qjl_mma_ok(plan)
 
 
 FUSED_CASES = [(128, 3, "mse", False), (128, 4, "prod", False), (100, 2, "mse", True), (64, 1, "prod", True)]
@@ -490,11 +499,66 @@ def _check_emulated_case(mod, cp, case):
     else:
         got = be.encode(plan, xin)
     with np.errstate(all="ignore"):
-        check_encoding(plan, xr, got, dense_exact=True)
+        check_encoding(plan, xr, got, dense_exact=True, qjl_exact=not mod.qjl_mma_ok(plan))
     x = np.clip(make_input(rng, min(n, 40), d, "unit", "float32"), -50, 50).astype(np.float32)
     check_decode_scores(cfg, x, "cupy", cp.asarray, rng)
     with pytest.raises(TypeError, match="cupy"):
         be.asarray(np.zeros((2, d), np.float32))
+
+
+QJL_EMU_CASES = [  # (dim, bits, norm_correction, rotation, ENC_EMAX, n): the tensor-core QJL projection
+    (128, 3, True, "hadamard", 128, 300),   # P = 128: two m-tiles per warp, 16 n-tiles, partial last tile
+    (64, 1, False, "hadamard", 128, 130),   # QJL only (0 MSE bits), P = 64
+    (256, 2, False, "haar", 128, 70),       # P = 256: one m-tile per warp, 8 sign words per row
+    (32, 4, True, "hadamard", 128, 40),     # P = 32: one sign word
+    (128, 2, False, "hadamard", 32, 50),    # 4 threads per row: 32-row tiles, two warps idle
+]
+
+
+@pytest.mark.parametrize("case", QJL_EMU_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
+    """TQ_CUPY_QJL=exact writes the reference's bytes; the default tensor-core projection
+    writes the same codes, norms and residual norms, and QJL signs that differ only within
+    FORMAT.md section 5's rounding bound of zero (check_encoding)."""
+    mod, cp = emulated_cupy
+    d, bits, nc, rotation, emax, n = case
+    monkeypatch.setattr(mod, "ENC_EMAX", emax)
+    cfg = tq.QuantizerConfig(d, bits, kind="prod", rotation=rotation, seed=3, norm_correction=nc)
+    plan = cfg.plan()
+    rng = np.random.default_rng(d + bits)
+    x = make_input(rng, n, d, "mixed", "float32").astype(np.float32)
+    x[2] = 0.0
+    be = tq.get_backend("cupy")
+    for impl in ("exact", "mma"):
+        monkeypatch.setattr(mod, "QJL_IMPL", impl)
+        monkeypatch.setattr(mod, "FAST_KERNELS", {})
+        assert mod.qjl_mma_ok(plan) == (impl == "mma")
+        assert f"-DTQQ_QJL_MMA={int(impl == 'mma')}" in mod.kernel_defines()
+        with np.errstate(all="ignore"):
+            check_encoding(plan, x, be.encode(plan, cp.asarray(x)), dense_exact=True, qjl_exact=impl == "exact")
+
+
+def test_qjl_mma_fragments():
+    """The S fragments: hi + lo equals 2^e S to 2^-22, max |2^e S| in [256, 512), and entry
+    [n, s, lane] holds S[8n + g][16s + 2t + (0, 1, 8, 9)] for lane 4g + t."""
+    from tq.backends.cupy_backend import qjl_mma_fragments
+    S = tq.QuantizerConfig(64, 2, kind="prod", seed=9).plan().qjl_matrix
+    f = qjl_mma_fragments(S)
+    assert f.shape == (8, 4, 32, 4) and f.dtype == np.uint32
+    half = lambda w, k: ((w >> (16 * k)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+    e = 9 - int(np.frexp(np.max(np.abs(S)))[1])
+    rebuilt = np.zeros((64, 64))
+    for n_ in range(8):
+        for s_ in range(4):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                w = f[n_, s_, lane]
+                for reg, off in ((0, 0), (1, 8)):
+                    for k in range(2):
+                        rebuilt[8 * n_ + g, 16 * s_ + 2 * t + off + k] = half(w[reg], k) + half(w[reg + 2], k)
+    want = np.ldexp(S.astype(np.float64), e)
+    assert 256 <= np.max(np.abs(want)) < 512
+    assert np.all(np.abs(rebuilt - want) <= 2.0**-22 * np.abs(want) + 2.0**-25)
 
 
 def scores_within_float_tolerance(cfg, x, y, got_fn):

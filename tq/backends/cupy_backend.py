@@ -60,13 +60,20 @@ DEC_EMAX = {"mse": _env_int("TQ_CUPY_DEC_EMAX", 128, _EMAX_CHOICES),
             "prod": _env_int("TQ_CUPY_DEC_EMAX", 32, _EMAX_CHOICES)}
 ENC_MINB = _env_int("TQ_CUPY_ENC_MINB", 3, range(1, 17))  # resident blocks the MSE encoder is built for
 DECODE_WP = 36  # decode output staging pitch in floats (TQQ_WP): a 32-column slice per thread
+# QJL projection of the fast encoder: "mma" (tensor cores, float32 accuracy from split
+# float16 operands; signs within FORMAT.md section 5's rounding bound of the reference)
+# or "exact" (the reference's sequential order: bit-identical signs, about 10x slower)
+QJL_IMPL = os.environ.get("TQ_CUPY_QJL", "mma")
+if QJL_IMPL not in ("mma", "exact"):
+    raise ValueError(f"TQ_CUPY_QJL must be 'mma' or 'exact', not {QJL_IMPL!r}")
 _BASE_OPTIONS = ("--std=c++17", "-fmad=false")
 
 
 def kernel_defines() -> tuple:
     """The -D options the fast kernels are compiled with (the launch geometry above)."""
     return (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
-            f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}", f"-DTQQ_WP={DECODE_WP}")
+            f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}", f"-DTQQ_WP={DECODE_WP}",
+            f"-DTQQ_QJL_MMA={int(QJL_IMPL == 'mma')}")
 
 
 FAST_P = (8, 16, 32, 64, 128, 256)
@@ -335,6 +342,46 @@ def mma_scores_tables(centroids, bits: int, prod: bool):
     return out, cinv
 
 
+def qjl_mma_ok(plan) -> bool:
+    """Whether the fast encoder projects QJL residuals on tensor cores (quant_fast.cu's
+    TQQQjlMma: padded dims 32..256, whole 16-row tiles)."""
+    p = plan.padded_dim
+    return (QJL_IMPL == "mma" and plan.config.kind == "prod" and _fast_ok(plan) and p in MMA_P
+            and tile_rows(p, ENC_EMAX) % 16 == 0)
+
+
+def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
+    """B fragments of the QJL matrix for tqq_mma_signs: uint32 [P/8, P/16, 32, 4].
+
+    S is scaled by 2^e (max |S| to [256, 512)) and split S = hi + lo with hi = float16(S)
+    and lo = float16(S - hi).  Entry [n, s, lane] for lane = 4 g + t holds, as float16
+    pairs (first element in the low half), b0 = S[i][j], S[i][j + 1] and b1 = S[i][j + 8],
+    S[i][j + 9] of hi, then the same of lo, with i = 8 n + g and j = 16 s + 2 t (the
+    m16n8k16 B fragment of B[k][n] = S[8 n_tile + n][16 s + k]).
+    """
+    m = np.asarray(qjl_matrix, dtype=np.float32)
+    p = m.shape[0]
+    mx = float(np.max(np.abs(m)))
+    e = 0 if mx == 0 else 9 - int(np.frexp(mx)[1])
+    ms = (m * np.float32(2.0 ** e)).astype(np.float32)
+    hi = ms.astype(np.float16)
+    lo = (ms - hi.astype(np.float32)).astype(np.float16)
+    g, t = np.arange(32) // 4, np.arange(32) % 4
+    i = 8 * np.arange(p // 8)[:, None, None] + g[None, None, :]          # [n, 1, lane]
+    j = 16 * np.arange(p // 16)[None, :, None] + 2 * t[None, None, :]    # [1, s, lane]
+
+    def pair(h, jj):
+        return h[i, jj].view(np.uint16).astype(np.uint32) | h[i, jj + 1].view(np.uint16).astype(np.uint32) << 16
+
+    return np.stack([pair(hi, j), pair(hi, j + 8), pair(lo, j), pair(lo, j + 8)], axis=-1)
+
+
+def _qjl_frags(plan, prm):
+    if "qjl_frag" not in prm:
+        prm["qjl_frag"] = cp.asarray(np.ascontiguousarray(qjl_mma_fragments(plan.qjl_matrix)))
+    return prm["qjl_frag"]
+
+
 def generic_scratch_bytes(w: int) -> int:
     return 3 * w * 4 + ((w + 15) // 16) * 16
 
@@ -388,8 +435,9 @@ def encode(plan, x) -> Parts:
             tiles = -(-n // tr)
             grid = min(tiles, _num_sms(dev) * (8 if (prod or haar) else 32))
             kern = _fast("encode", p, b, prod)
+            qmat = _qjl_frags(plan, prm) if qjl_mma_ok(plan) else prm["st"]
             args = (xc, _i64(n), _i32(d), _i64(ldx), _i32(dt), _i32(flags), _i32(vec),
-                    _or(prm["signs"], prm), _or(prm["mt"], prm), _or(prm["st"], prm),
+                    _or(prm["signs"], prm), _or(prm["mt"], prm), _or(qmat, prm),
                     _or(prm["cent"], prm), _or(prm["bnd"], prm), *outs)
             _launch(kern, grid, _NT, args, smem)
         else:

@@ -240,6 +240,48 @@ TQQ_D float tqq_dot4(const float* q, const float (&v)[E]) {
   return (a0 + a1) + (a2 + a3);
 }
 
+// ------------------------------------------------------------ tensor-core helpers
+// mma.sync m16n8k16 (f16 inputs, f32 accumulation) and m16n8k32 (s8 inputs); fragment
+// layouts as in the PTX ISA (host emulation: quant_hostemu.cuh).
+TQQ_D void tqq_mma16816(float (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
+#ifdef TQQ_HOST
+  tqq_emu_mma16816(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+#endif
+}
+
+TQQ_D void tqq_imma16832(int (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
+#ifdef TQQ_HOST
+  tqq_emu_imma16832(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+#endif
+}
+
+// float16 pair {x0, x1} (x0 in bits 0..15)
+TQQ_D tqq_u32 tqq_h2(float x0, float x1) { return (tqq_u32)tqq_f2h(x0) | ((tqq_u32)tqq_f2h(x1) << 16); }
+// x minus its float16 rounding (exact in float32)
+TQQ_D float tqq_h_resid(float x) { return tqq_sub(x, tqq_h2f(tqq_f2h(x))); }
+// four int8, each round(x * scale) clamped to [-127, 127], x0 in the low byte
+TQQ_D tqq_u32 tqq_i8x4(float x0, float x1, float x2, float x3, float scale) {
+  const float v[4] = {x0, x1, x2, x3};
+  tqq_u32 w = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    int q = __float2int_rn(tqq_mul(v[k], scale));
+    q = q > 127 ? 127 : (q < -127 ? -127 : q);
+    w |= ((tqq_u32)q & 0xffu) << (8 * k);
+  }
+  return w;
+}
+
 // ------------------------------------------------------------ block-level dense products
 // acc[r] = sum_j a[r][j] * M[j*P + i] for the RPT rows at `a` (row pitch AP),
 // accumulated over j = 0, 1, ... in order.  EXACT: product rounded, then sum
@@ -307,6 +349,102 @@ TQQ_D void tqq_dense_signs(const float* X, const float* __restrict__ St, tqq_u8*
           tqq_u8* dst = qjl + (row0 + rl) * (P / 8);
 #pragma unroll
           for (int c = 0; c < P / 8; ++c) dst[c] = (tqq_u8)(seg >> (8 * c));
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ QJL signs on tensor cores
+// p = S r for a tile's residual rows with mma.sync m16n8k16: M = 16 rows, N = 8 output
+// coordinates i, K = 16 coordinates j (in order: k-step s covers j = 16 s .. 16 s + 15).
+// float16 operands carry float32 accuracy by splitting both sides, x = hi + lo
+// (hi = float16(x)): p = r_hi S_hi + r_hi S_lo + r_lo S_hi, the lo lo term being below
+// 2^-22 of each product.  Each row of r is scaled by a power of two (max |r_j| in
+// [256, 512)) and S by one (host: qjl_mma_fragments), so no part under- or overflows;
+// signs do not change under positive scaling.
+//
+// Error, against the bound of FORMAT.md section 5 (g = 2^-16 |S| |r| for P <= 128):
+// each k-step is a fresh chain of three mma (48 exact products, a float32 accumulator;
+// tensor cores truncate at most once per addition, Fasi et al. 2021), the eight or
+// fewer k-step sums are added with round-to-nearest adds, and the splits are exact
+// to 2^-22: together under 2^-19 |S| |r|, against 2^-17 for the reference's own
+// sequential sum, so a sign can differ from the reference only where |p| is within the
+// documented bound of zero (the tests check exactly that).
+//
+// X: TR rows of pitch P + 4 (scaled residuals).  sfrag: [P/8 n-tiles][P/16 k-steps][32
+// lanes] of uint4 {b0, b1 of S_hi, b0, b1 of S_lo}.  Output: bit i of row r = (p_i >= 0),
+// LSB-first, P/8 bytes per row.
+#ifndef TQQ_QJL_MMA
+#define TQQ_QJL_MMA 1
+#endif
+template <int P, int TR>
+struct TQQQjlMma {
+  static constexpr bool ok = TQQ_QJL_MMA && P >= 32 && P <= 256 && TR % 16 == 0;
+};
+
+template <int P, int TR>
+TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8* __restrict__ qjl,
+                         tqq_i64 row0, int rows) {
+  constexpr int AP = P + 4, KS = P / 16, MTILES = TR / 16, NWD = P / 32;
+  constexpr int MG = (P <= 128 && MTILES >= 8) ? 2 : 1;  // m-tiles per warp pass (A in registers)
+  constexpr int ITEMS = MTILES / MG;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  for (int item = warp; item < ITEMS; item += TQQ_NT / 32) {
+    uint4 ah[MG][KS], al[MG][KS];
+#pragma unroll
+    for (int m = 0; m < MG; ++m) {
+      const float* r0 = X + ((item * MG + m) * 16 + g) * AP + 2 * t;
+      const float* r1 = r0 + 8 * AP;
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        const float2 x00 = *(const float2*)(r0 + 16 * s), x01 = *(const float2*)(r0 + 16 * s + 8);
+        const float2 x10 = *(const float2*)(r1 + 16 * s), x11 = *(const float2*)(r1 + 16 * s + 8);
+        ah[m][s] = tqq_u4(tqq_h2(x00.x, x00.y), tqq_h2(x10.x, x10.y), tqq_h2(x01.x, x01.y), tqq_h2(x11.x, x11.y));
+        al[m][s] = tqq_u4(tqq_h2(tqq_h_resid(x00.x), tqq_h_resid(x00.y)), tqq_h2(tqq_h_resid(x10.x), tqq_h_resid(x10.y)),
+                          tqq_h2(tqq_h_resid(x01.x), tqq_h_resid(x01.y)), tqq_h2(tqq_h_resid(x11.x), tqq_h_resid(x11.y)));
+      }
+    }
+#pragma unroll 1
+    for (int w = 0; w < NWD; ++w) {  // one 32-bit word of signs per row: four n-tiles
+      tqq_u32 word[MG][2];
+#pragma unroll
+      for (int m = 0; m < MG; ++m) word[m][0] = word[m][1] = 0u;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float tot[MG][4];
+#pragma unroll
+        for (int m = 0; m < MG; ++m) tot[m][0] = tot[m][1] = tot[m][2] = tot[m][3] = 0.f;
+        const uint4* bf = sfrag + (tqq_i64)(4 * w + q) * KS * 32 + lane;
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+          const uint4 b = __ldg(bf + s * 32);
+#pragma unroll
+          for (int m = 0; m < MG; ++m) {
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            tqq_mma16816(c, al[m][s], b.x, b.y);  // small terms first
+            tqq_mma16816(c, ah[m][s], b.z, b.w);
+            tqq_mma16816(c, ah[m][s], b.x, b.y);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) tot[m][k] = tqq_add(tot[m][k], c[k]);
+          }
+        }
+        const int sh = 8 * q + 2 * t;  // columns 2t, 2t+1 of n-tile 4w+q
+#pragma unroll
+        for (int m = 0; m < MG; ++m) {
+          word[m][0] |= ((tqq_ge(tot[m][0], 0.f) ? 1u : 0u) | (tqq_ge(tot[m][1], 0.f) ? 2u : 0u)) << sh;
+          word[m][1] |= ((tqq_ge(tot[m][2], 0.f) ? 1u : 0u) | (tqq_ge(tot[m][3], 0.f) ? 2u : 0u)) << sh;
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MG; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          tqq_u32 x = word[m][h];
+          x |= __shfl_xor_sync(TQQ_FULL, x, 1);
+          x |= __shfl_xor_sync(TQQ_FULL, x, 2);
+          const int rl = (item * MG + m) * 16 + g + 8 * h;
+          if (t == 0 && rl < rows) *(tqq_u32*)(qjl + (row0 + rl) * (P / 8) + 4 * w) = x;
         }
       }
     }
@@ -540,11 +678,26 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
           for (int k = 0; k < E; ++k) v[k] = tqq_sub(v[k], s_cent[tqq_get<B>(W, k)]);
         }
       }
-      tqq_tile_put<E>(X, rl * AP + part * E, v);
       const float g = tqq_mul(tqq_mul(tqq_sqrt(tqq_tree_sq<E, L>(v)), rho), p2e);
       if (valid && part == 0) tqq_store_norm(rnorms, row, g, f16n);
+      if constexpr (TQQQjlMma<P, TR>::ok) {  // scale the row: max |r_j| to [256, 512)
+        tqq_u32 rb = 0u;
+#pragma unroll
+        for (int k = 0; k < E; ++k) rb = tqq_umax(rb, tqq_absbits(v[k]));
+#pragma unroll
+        for (int m = 1; m < L; m <<= 1) rb = tqq_umax(rb, __shfl_xor_sync(TQQ_FULL, rb, m));
+        int er = 9 - tqq_exponent(__uint_as_float(rb));
+        er = er > 126 ? 126 : (er < -126 ? -126 : er);
+        const float rs = tqq_pow2(er);
+#pragma unroll
+        for (int k = 0; k < E; ++k) v[k] = tqq_mul(v[k], rs);
+      }
+      tqq_tile_put<E>(X, rl * AP + part * E, v);
       __syncthreads();
-      tqq_dense_signs<P, TR>(X, qmat, qjl, row0, rows);
+      if constexpr (TQQQjlMma<P, TR>::ok)
+        tqq_mma_signs<P, TR>(X, (const uint4*)qmat, qjl, row0, rows);  // qmat: S fragments
+      else
+        tqq_dense_signs<P, TR>(X, qmat, qjl, row0, rows);
     }
     if (PROD || haar) __syncthreads();  // tiles are reused by the next iteration
   }
@@ -790,45 +943,6 @@ tqq_scores(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
 #ifndef TQQ_SCM_MINB
 #define TQQ_SCM_MINB(P, PROD) (((PROD) || (P) > 128) ? 3 : 4)
 #endif
-
-TQQ_D void tqq_mma16816(float (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
-#ifdef TQQ_HOST
-  tqq_emu_mma16816(c, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-#endif
-}
-
-TQQ_D void tqq_imma16832(int (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
-#ifdef TQQ_HOST
-  tqq_emu_imma16832(c, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-#endif
-}
-
-// float16 pair {x0, x1} (x0 in bits 0..15)
-TQQ_D tqq_u32 tqq_h2(float x0, float x1) { return (tqq_u32)tqq_f2h(x0) | ((tqq_u32)tqq_f2h(x1) << 16); }
-// x minus its float16 rounding (exact in float32)
-TQQ_D float tqq_h_resid(float x) { return tqq_sub(x, tqq_h2f(tqq_f2h(x))); }
-// four int8, each round(x * scale) clamped to [-127, 127], x0 in the low byte
-TQQ_D tqq_u32 tqq_i8x4(float x0, float x1, float x2, float x3, float scale) {
-  const float v[4] = {x0, x1, x2, x3};
-  tqq_u32 w = 0;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    int q = __float2int_rn(tqq_mul(v[k], scale));
-    q = q > 127 ? 127 : (q < -127 ? -127 : q);
-    w |= ((tqq_u32)q & 0xffu) << (8 * k);
-  }
-  return w;
-}
 
 // (field << SH) for the F-bit field at bit POS of the lane's words
 template <int POS, int F, int SH>
