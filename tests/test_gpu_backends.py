@@ -519,10 +519,12 @@ QJL_EMU_CASES = [  # (dim, bits, norm_correction, rotation, ENC_EMAX, n): the te
 def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
     """TQ_CUPY_QJL=exact writes the reference's bytes; the default tensor-core projection
     writes the same codes, norms and residual norms, and QJL signs that differ only within
-    FORMAT.md section 5's rounding bound of zero (check_encoding)."""
+    FORMAT.md section 5's rounding bound of zero (check_encoding).  Decoding (whose QJL
+    product also runs on tensor cores by default) meets float32 tolerance either way."""
     mod, cp = emulated_cupy
     d, bits, nc, rotation, emax, n = case
     monkeypatch.setattr(mod, "ENC_EMAX", emax)
+    monkeypatch.setattr(mod, "DEC_EMAX", {"mse": 128, "prod": emax})
     cfg = tq.QuantizerConfig(d, bits, kind="prod", rotation=rotation, seed=3, norm_correction=nc)
     plan = cfg.plan()
     rng = np.random.default_rng(d + bits)
@@ -534,8 +536,11 @@ def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
         monkeypatch.setattr(mod, "FAST_KERNELS", {})
         assert mod.qjl_mma_ok(plan) == (impl == "mma")
         assert f"-DTQQ_QJL_MMA={int(impl == 'mma')}" in mod.kernel_defines()
+        assert mod.qjl_mma_ok(plan, "decode") == (impl == "mma")
         with np.errstate(all="ignore"):
             check_encoding(plan, x, be.encode(plan, cp.asarray(x)), dense_exact=True, qjl_exact=impl == "exact")
+        xu = make_input(rng, 40, d, "unit", "float32").astype(np.float32)
+        check_decode_scores(cfg, xu, "cupy", cp.asarray, rng)  # the decoder's QJL product too
 
 
 def test_qjl_mma_fragments():

@@ -342,12 +342,13 @@ def mma_scores_tables(centroids, bits: int, prod: bool):
     return out, cinv
 
 
-def qjl_mma_ok(plan) -> bool:
-    """Whether the fast encoder projects QJL residuals on tensor cores (quant_fast.cu's
-    TQQQjlMma: padded dims 32..256, whole 16-row tiles)."""
+def qjl_mma_ok(plan, op: str = "encode") -> bool:
+    """Whether the fast encoder (op="encode") or decoder ("decode") runs the QJL product on
+    tensor cores (quant_fast.cu's TQQQjlMma: padded dims 32..256, whole 16-row tiles)."""
     p = plan.padded_dim
+    emax = ENC_EMAX if op == "encode" else DEC_EMAX["prod"]
     return (QJL_IMPL == "mma" and plan.config.kind == "prod" and _fast_ok(plan) and p in MMA_P
-            and tile_rows(p, ENC_EMAX) % 16 == 0)
+            and tile_rows(p, emax) % 16 == 0)
 
 
 def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
@@ -376,10 +377,16 @@ def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
     return np.stack([pair(hi, j), pair(hi, j + 8), pair(lo, j), pair(lo, j + 8)], axis=-1)
 
 
-def _qjl_frags(plan, prm):
-    if "qjl_frag" not in prm:
-        prm["qjl_frag"] = cp.asarray(np.ascontiguousarray(qjl_mma_fragments(plan.qjl_matrix)))
-    return prm["qjl_frag"]
+def _qjl_frags(plan, prm, op: str = "encode"):
+    """Device fragments of 2^e S (encode: p = S r) or of 2^e S^T (decode: z = s S), and 2^-e."""
+    key = "qjl_frag_" + op
+    if key not in prm:
+        m = np.asarray(plan.qjl_matrix, dtype=np.float32)
+        m = m if op == "encode" else np.ascontiguousarray(m.T)
+        mx = float(np.max(np.abs(m)))
+        inv = 1.0 if mx == 0 else 2.0 ** -(9 - int(np.frexp(mx)[1]))
+        prm[key] = (cp.asarray(np.ascontiguousarray(qjl_mma_fragments(m))), inv)
+    return prm[key]
 
 
 def generic_scratch_bytes(w: int) -> int:
@@ -435,7 +442,7 @@ def encode(plan, x) -> Parts:
             tiles = -(-n // tr)
             grid = min(tiles, _num_sms(dev) * (8 if (prod or haar) else 32))
             kern = _fast("encode", p, b, prod)
-            qmat = _qjl_frags(plan, prm) if qjl_mma_ok(plan) else prm["st"]
+            qmat = _qjl_frags(plan, prm)[0] if qjl_mma_ok(plan) else prm["st"]
             args = (xc, _i64(n), _i32(d), _i64(ldx), _i32(dt), _i32(flags), _i32(vec),
                     _or(prm["signs"], prm), _or(prm["mt"], prm), _or(qmat, prm),
                     _or(prm["cent"], prm), _or(prm["bnd"], prm), *outs)
@@ -489,8 +496,12 @@ def decode(plan, parts):
             tr = tile_rows(p, DEC_EMAX[cfg.kind])
             smem = fast_decode_smem(p, prod, plan.signs is None)
             grid = min(-(-n // tr), _num_sms(dev) * 16)
+            qmat = prm["s"]
+            if qjl_mma_ok(plan, "decode"):
+                qmat, inv = _qjl_frags(plan, prm, "decode")
+                qscale = np.float32(qscale * inv)  # exact: a power of two
             args = (*pa, _i64(n), _i32(d), _i32(flags), _or(prm["signs"], prm), _or(prm["m"], prm),
-                    _or(prm["s"], prm), _or(prm["cent"], prm), qscale, _raw(out))
+                    _or(qmat, prm), _or(prm["cent"], prm), qscale, _raw(out))
             _launch(_fast("decode", p, b, prod), grid, _NT, args, smem)
         else:
             w = 1 << max(0, (p - 1).bit_length())

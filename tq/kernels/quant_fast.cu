@@ -451,6 +451,44 @@ TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8
   }
 }
 
+// The decoder's QJL product z_j = sum_i s_i S[i][j] on tensor cores: the signs s = +-1
+// are exact in float16, so z = s S_hi + s S_lo (two mma per step, one float32 chain:
+// decoded vectors need float32 tolerance, FORMAT.md section 5, not the encoder's bound).
+// X: TR rows of signs (pitch P + 4); sfrag: qjl_mma_fragments(S^T), i.e. B[k][n] =
+// 2^e S[16 s + k][8 n_tile + n]; Y[r][j] = 2^e z_j (the caller undoes 2^e).  Warps take
+// (m-tile, n-range) items, so a 32-row tile keeps all four busy.
+template <int P, int TR>
+TQQ_D void tqq_mma_qjl_decode(const float* X, const uint4* __restrict__ sfrag, float* Y) {
+  constexpr int AP = P + 4, KS = P / 16, NTL = P / 8, MTILES = TR / 16;
+  constexpr int NSPLIT = MTILES >= 4 ? 1 : 4 / MTILES, NPER = NTL / NSPLIT;
+  static_assert(NTL % NSPLIT == 0, "n-tiles split evenly");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  for (int item = warp; item < MTILES * NSPLIT; item += TQQ_NT / 32) {
+    const int mt = item / NSPLIT, n0 = (item % NSPLIT) * NPER;
+    const float* r0 = X + (mt * 16 + g) * AP + 2 * t;
+    const float* r1 = r0 + 8 * AP;
+    uint4 a[KS];
+#pragma unroll
+    for (int s = 0; s < KS; ++s)
+      a[s] = tqq_u4(tqq_h2(r0[16 * s], r0[16 * s + 1]), tqq_h2(r1[16 * s], r1[16 * s + 1]),
+                    tqq_h2(r0[16 * s + 8], r0[16 * s + 9]), tqq_h2(r1[16 * s + 8], r1[16 * s + 9]));
+#pragma unroll 2
+    for (int nt = n0; nt < n0 + NPER; ++nt) {
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint4* bf = sfrag + (tqq_i64)nt * KS * 32 + lane;
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        const uint4 b = __ldg(bf + s * 32);
+        tqq_mma16816(c, a[s], b.z, b.w);
+        tqq_mma16816(c, a[s], b.x, b.y);
+      }
+      float* y0 = Y + (mt * 16 + g) * AP + 8 * nt + 2 * t;
+      *(float2*)y0 = make_float2(c[0], c[1]);
+      *(float2*)(y0 + 8 * AP) = make_float2(c[2], c[3]);
+    }
+  }
+}
+
 // #{j : v >= th[j]} for the K = 2^B - 1 thresholds th sorted ascending (B <= 3): a
 // binary descent, each step one compare and the next threshold chosen by selects
 // (the linear count cost about twice the instructions).  Equal to the count because
@@ -757,9 +795,13 @@ tqq_decode(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
       for (int k = 0; k < E; ++k) sg[k] = ((Q[k >> 5] >> (k & 31)) & 1u) ? 1.f : -1.f;
       tqq_tile_put<E>(X, rl * AP + part * E, sg);
       __syncthreads();
-      tqq_dense<P, TR, false>(X, qmat, Y);  // z_j = sum_i s_i S[i][j]
+      const float g = tqq_load_norm(rnorms, rr, f16n) * qscale;  // tensor cores: qscale includes 2^-e
+      if constexpr (TQQQjlMma<P, TR>::ok) {
+        tqq_mma_qjl_decode<P, TR>(X, (const uint4*)qmat, Y);  // qmat: fragments of 2^e S^T
+      } else {
+        tqq_dense<P, TR, false>(X, qmat, Y);  // z_j = sum_i s_i S[i][j]
+      }
       __syncthreads();
-      const float g = tqq_load_norm(rnorms, rr, f16n) * qscale;
       tqq_tile_get<E>(Y, rl * AP + part * E, sg);
 #pragma unroll
       for (int k = 0; k < E; ++k) v[k] = fmaf(sg[k], g, v[k]);
