@@ -102,18 +102,25 @@ def main():
             want = ref.encode(plan, x_rows)
             for impl in ("exact", "mma"):
                 use(impl)
-                got = take_rows(prod_q.compress(x).parts, rows, rows_dev)
+                comp = prod_q.compress(x)
+                got = take_rows(comp.parts, rows, rows_dev)
+                dec = np_of(prod_q.decompress(comp)[rows_dev])
+                dref = ref.decode(plan, got)
+                entry[f"{impl}_decode_max_rel_err"] = float(np.max(
+                    np.abs(dec - dref) / (np.linalg.norm(dref, axis=1, keepdims=True) + 1e-30)))
                 same = {f: getattr(got, f).tobytes() == getattr(want, f).tobytes()
                         for f in ("codes", "norms", "qjl", "rnorms")}
                 entry[f"{impl}_sections_identical"] = same
                 entry[f"{impl}_signs"] = sign_check(plan, x_rows, want, got)
             use("mma")
             mse_q.compress(x)
-            times = {"exact": [], "mma": [], "mse": []}
-            for _ in range(args.repeats):  # interleaved: the machine's drift hits all three alike
+            comp = prod_q.compress(x)
+            times = {"exact": [], "mma": [], "mse": [], "dec_exact": [], "dec_mma": []}
+            for _ in range(args.repeats):  # interleaved: the machine's drift hits all alike
                 for impl in ("exact", "mma"):
                     use(impl)
                     times[impl].append(events_time(torch, lambda: prod_q.compress(x), 1)[0])
+                    times["dec_" + impl].append(events_time(torch, lambda: prod_q.decompress(comp), 1)[0])
                 use("mma")
                 times["mse"].append(events_time(torch, lambda: mse_q.compress(x), 1)[0])
             for k, v in times.items():
@@ -122,7 +129,8 @@ def main():
             bpv = {"exact": plan.bytes_per_vector, "mma": plan.bytes_per_vector,
                    "mse": mse_q.config.plan().bytes_per_vector}
             for k in times:
-                moved = n * (2 * d + bpv[k])
+                # compress: float16 in + packed out; decompress: packed in + float32 out
+                moved = n * (4 * d + plan.bytes_per_vector) if k.startswith("dec") else n * (2 * d + bpv[k])
                 entry[f"{k}_pct_copy"] = 100 * moved / (entry[f"{k}_ms"] / 1e3) / ceiling
             result_rows.append(entry)
             print(json.dumps(entry), flush=True)
@@ -131,8 +139,9 @@ def main():
 
     lines = ["| rotation | bits | prod exact ms | prod mma ms | speed-up | mma % copy | mse ms (same run) "
              "| codes/norms/rnorms = reference (exact, mma) | exact signs = reference "
-             "| mma signs differing | max p/bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mma signs differing | max p/bound | decompress exact ms | mma ms | mma % copy "
+             "| decode rel. err (exact, mma) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in result_rows:
         other = lambda s: all(v for k, v in s.items() if k != "qjl")  # noqa: E731
         ms = e["mma_signs"]
@@ -141,10 +150,13 @@ def main():
             f"| {e['exact_ms'] / e['mma_ms']:.2f}x | {e['mma_pct_copy']:.0f}% | {e['mse_ms']:.2f} "
             f"| {other(e['exact_sections_identical'])}, {other(e['mma_sections_identical'])} "
             f"| {e['exact_sections_identical']['qjl']} "
-            f"| {ms['qjl_bits_differing']} of {ms['qjl_bits']} | {ms['max_p_over_bound']:.3f} |")
+            f"| {ms['qjl_bits_differing']} of {ms['qjl_bits']} | {ms['max_p_over_bound']:.3f} "
+            f"| {e['dec_exact_ms']:.2f} | {e['dec_mma_ms']:.2f} | {e['dec_mma_pct_copy']:.0f}% "
+            f"| {e['exact_decode_max_rel_err']:.1e}, {e['mma_decode_max_rel_err']:.1e} |")
     table = "\n".join(lines)
     notes = ("\nTimes: CUDA events, median of the repeats, exact / mma / mse interleaved. "
-             "% copy: (n d 2 bytes in + n B/vec out) / time over the copy ceiling above. "
+             "% copy: compress (n d 2 bytes in + n B/vec out), decompress (n B/vec in + n d 4 out), "
+             "over the time, against the copy ceiling above. "
              "max p/bound: over the differing sign bits, |p| / (g sum |S r|); <= 1 is what "
              "FORMAT.md section 5 allows.\n")
     out = Path(args.out)
