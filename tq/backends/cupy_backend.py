@@ -66,6 +66,7 @@ DECODE_WP = 36  # decode output staging pitch in floats (TQQ_WP): a 32-column sl
 QJL_IMPL = os.environ.get("TQ_CUPY_QJL", "mma")
 if QJL_IMPL not in ("mma", "exact"):
     raise ValueError(f"TQ_CUPY_QJL must be 'mma' or 'exact', not {QJL_IMPL!r}")
+QJL_MG = _env_int("TQ_CUPY_QJL_MG", 2, (1, 2))  # 16-row tiles per warp pass of the tensor-core QJL
 _BASE_OPTIONS = ("--std=c++17", "-fmad=false")
 
 
@@ -73,7 +74,7 @@ def kernel_defines() -> tuple:
     """The -D options the fast kernels are compiled with (the launch geometry above)."""
     return (f"-DTQQ_ENC_EMAX={ENC_EMAX}", f"-DTQQ_DEC_EMAX_MSE={DEC_EMAX['mse']}",
             f"-DTQQ_DEC_EMAX_PROD={DEC_EMAX['prod']}", f"-DTQQ_ENC_MINB_MSE={ENC_MINB}", f"-DTQQ_WP={DECODE_WP}",
-            f"-DTQQ_QJL_MMA={int(QJL_IMPL == 'mma')}")
+            f"-DTQQ_QJL_MMA={int(QJL_IMPL == 'mma')}", f"-DTQQ_QJL_MG={QJL_MG}")
 
 
 FAST_P = (8, 16, 32, 64, 128, 256)

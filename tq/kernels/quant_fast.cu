@@ -364,13 +364,14 @@ TQQ_D void tqq_dense_signs(const float* X, const float* __restrict__ St, tqq_u8*
 // [256, 512)) and S by one (host: qjl_mma_fragments), so no part under- or overflows;
 // signs do not change under positive scaling.
 //
-// Error, against the bound of FORMAT.md section 5 (g = 2^-16 |S| |r| for P <= 128):
-// each k-step is a fresh chain of three mma (48 exact products, a float32 accumulator;
-// tensor cores truncate at most once per addition, Fasi et al. 2021), the eight or
-// fewer k-step sums are added with round-to-nearest adds, and the splits are exact
-// to 2^-22: together under 2^-19 |S| |r|, against 2^-17 for the reference's own
-// sequential sum, so a sign can differ from the reference only where |p| is within the
-// documented bound of zero (the tests check exactly that).
+// Error, against the bound of FORMAT.md section 5 (g |S| |r|, g = 2^-16 for P <= 128):
+// the hi hi product of each k-step is a fresh mma (16 exact products; tensor cores align
+// them to the largest and truncate, Fasi et al. 2021, so at most 16 ulps of the largest:
+// 2^-19 of their sum), added to the total with round-to-nearest adds (2^-20 over 16
+// adds); the hi lo and lo hi terms, 2^-11 smaller, are one mma chain per output (below
+// 2^-24); the splits are exact to 2^-22.  Together about 2^-18 |S| |r|, against up to
+// 2^-17 for the reference's own sequential sum: a sign can differ from the reference
+// only where |p| is within the documented bound of zero (the tests check exactly that).
 //
 // X: TR rows of pitch P + 4 (scaled residuals).  sfrag: [P/8 n-tiles][P/16 k-steps][32
 // lanes] of uint4 {b0, b1 of S_hi, b0, b1 of S_lo}.  Output: bit i of row r = (p_i >= 0),
@@ -387,7 +388,11 @@ template <int P, int TR>
 TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8* __restrict__ qjl,
                          tqq_i64 row0, int rows) {
   constexpr int AP = P + 4, KS = P / 16, MTILES = TR / 16, NWD = P / 32;
-  constexpr int MG = (P <= 128 && MTILES >= 8) ? 2 : 1;  // m-tiles per warp pass (A in registers)
+#ifndef TQQ_QJL_MG
+#define TQQ_QJL_MG 2
+#endif
+  // m-tiles per warp pass (A in registers): more reuse of each S fragment, more registers
+  constexpr int MG = (P <= 128 && MTILES >= 4 * TQQ_QJL_MG) ? TQQ_QJL_MG : 1;
   constexpr int ITEMS = MTILES / MG;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   for (int item = warp; item < ITEMS; item += TQQ_NT / 32) {
@@ -412,23 +417,29 @@ TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8
       for (int m = 0; m < MG; ++m) word[m][0] = word[m][1] = 0u;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        float tot[MG][4];
+        float tot[MG][4], small[MG][4];
 #pragma unroll
-        for (int m = 0; m < MG; ++m) tot[m][0] = tot[m][1] = tot[m][2] = tot[m][3] = 0.f;
+        for (int m = 0; m < MG; ++m)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) tot[m][k] = small[m][k] = 0.f;
         const uint4* bf = sfrag + (tqq_i64)(4 * w + q) * KS * 32 + lane;
 #pragma unroll
         for (int s = 0; s < KS; ++s) {
           const uint4 b = __ldg(bf + s * 32);
 #pragma unroll
           for (int m = 0; m < MG; ++m) {
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
-            tqq_mma16816(c, al[m][s], b.x, b.y);  // small terms first
-            tqq_mma16816(c, ah[m][s], b.z, b.w);
+            float c[4] = {0.f, 0.f, 0.f, 0.f};  // hi hi: a fresh accumulator per step
             tqq_mma16816(c, ah[m][s], b.x, b.y);
 #pragma unroll
             for (int k = 0; k < 4; ++k) tot[m][k] = tqq_add(tot[m][k], c[k]);
+            tqq_mma16816(small[m], al[m][s], b.x, b.y);  // the 2^-11 terms: one chain
+            tqq_mma16816(small[m], ah[m][s], b.z, b.w);
           }
         }
+#pragma unroll
+        for (int m = 0; m < MG; ++m)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) tot[m][k] = tqq_add(tot[m][k], small[m][k]);
         const int sh = 8 * q + 2 * t;  // columns 2t, 2t+1 of n-tile 4w+q
 #pragma unroll
         for (int m = 0; m < MG; ++m) {
