@@ -225,7 +225,7 @@ def _params(plan, dev: int):
 
 def _mma_tables(plan, prm):
     if "mma_tab" not in prm:
-        words, cinv = mma_scores_tables(plan.centroids, plan.config.mse_bits, plan.config.kind == "prod")
+        words, cinv = mma_scores_tables(plan.centroids, plan.config.mse_bits)
         prm["mma_tab"] = {"words": cp.asarray(words), "cinv": cinv}
     return prm["mma_tab"]
 
@@ -295,25 +295,24 @@ def mma_scores_smem(p: int, b: int, prod: bool) -> int:
     return (frag if b else 0) + (frag if prod else 0) + 16 * p * 4 + 32 * 4
 
 
-def mma_scores_static_smem(b: int, prod: bool) -> int:
-    """Static shared bytes of tqq_scores_mma: the replicated pair and sign tables."""
-    return ((1 << (2 * b)) * 128 if b else 0) + (16 * 256 if prod else 0)
+def mma_scores_static_smem(b: int) -> int:
+    """Static shared bytes of tqq_scores_mma: the replicated pair table (QJL signs are
+    turned into operands arithmetically, tqq_sign_frag)."""
+    return (1 << (2 * b)) * 128 if b else 0
 
 
 def _i8(x, scale):
     return np.clip(np.rint(np.asarray(x, np.float64) * scale), -127, 127).astype(np.int8).view(np.uint8).astype(np.uint32)
 
 
-def mma_scores_tables(centroids, bits: int, prod: bool):
-    """(uint32 words of the replicated pair and sign tables, 1 / centroid scale).
+def mma_scores_tables(centroids, bits: int):
+    """(uint32 words of the replicated pair table, 1 / centroid scale).
 
     Centroids are scaled by 2^e (max |c| to [256, 512)) and split c = c_hi + c_lo,
     c_hi = float16(c).  Pair entry e = a | b << bits (codes of coordinates 2j, 2j+1),
     8 bytes: the half2 word (c_hi[a], c_hi[b]) and the int8 word
     (c_lo[a] 2^10, c_lo[b] 2^10, c_hi[a] / 4, c_hi[b] / 4), each rounded and clamped
-    to +-127.  Sign entry e (4 QJL bits, LSB first), 16 bytes: half2 (+-1, +-1) of bits
-    0, 1 and of bits 2, 3, the four signs as int8, and a zero word.  Each entry is
-    stored 16 times, copy i at byte e * size * 16 + i * size (lane l reads copy l % 16).
+    to +-127.  Each entry is stored 16 times, copy i at byte e * size * 16 + i * size (lane l reads copy l % 16).
     """
     words = []
     cinv = 1.0
@@ -331,14 +330,6 @@ def mma_scores_tables(centroids, bits: int, prod: bool):
         pair = np.stack([hv[a] | hv[b] << 16, lo8[a] | lo8[b] << 8 | hi8[a] << 16 | hi8[b] << 24], axis=1)
         words.append(np.repeat(pair[:, None, :], 16, axis=1).reshape(-1))
         cinv = 2.0 ** -e
-    if prod:
-        nib = np.arange(16)
-        bit = [(nib >> k) & 1 for k in range(4)]
-        h = [np.where(x, 0x3C00, 0xBC00).astype(np.uint32) for x in bit]
-        s8 = [np.where(x, 0x01, 0xFF).astype(np.uint32) for x in bit]
-        sign = np.stack([h[0] | h[1] << 16, h[2] | h[3] << 16,
-                         s8[0] | s8[1] << 8 | s8[2] << 16 | s8[3] << 24, np.zeros(16, np.uint32)], axis=1)
-        words.append(np.repeat(sign[:, None, :], 16, axis=1).reshape(-1))
     out = np.concatenate(words).astype(np.uint32) if words else np.zeros(4, np.uint32)
     return out, cinv
 
@@ -565,7 +556,7 @@ def scores(plan, q, parts):
                 mc = min(_QC, m - q0)
                 args = (*pa, _i64(n), _i32(flags), qr[q0:q0 + mc], sq[q0:q0 + mc] if prod else sq,
                         _i32(mc), tab["words"], np.float32(tab["cinv"]), qscale, oc[q0:q0 + mc])
-                _launch(kern, grid, _NT, args, smem, mma_scores_static_smem(b, prod))
+                _launch(kern, grid, _NT, args, smem, mma_scores_static_smem(b))
         elif _fast_ok(plan):
             tr = tile_rows(p, 128)  # tqq_scores: TQQShape<P> default
             grid = min(-(-n // tr), _num_sms(dev) * 16)

@@ -986,7 +986,7 @@ tqq_scores(const tqq_u8* __restrict__ codes, const void* __restrict__ norms, con
 // a {hi, lo} pair of half2 words, i.e. b0 or b1 directly.  The tables are
 // replicated 16 times, copy i in bank pair i, and lane l reads copy l % 16:
 // a random look-up by 32 lanes costs the minimum two shared-memory wavefronts.
-// Shared memory: static pair table 2^(2B) * 128 B | sign table 2 KB (prod); dynamic:
+// Shared memory: static pair table 2^(2B) * 128 B; dynamic:
 // A fragments (P/16 steps x {hi, lo} x 32 lanes x 16 B, twice for prod) |
 // staged scaled queries 16 P floats | inverse scales 32 floats.
 // 8-row tiles per warp iteration: 4 (32 rows); 2 with the QJL term, whose accumulators
@@ -1044,6 +1044,19 @@ TQQ_D void tqq_static_for(F&& f) {  // f(TQQInt<I>{}) for I = 0..N-1, unrolled a
     f(TQQInt<I>{});
     tqq_static_for<I + 1, N>(f);
   }
+}
+
+// Four QJL sign bits x (bit k = coordinate k, 1 meaning +1) as B operands: {half2 of bits
+// 0, 1; half2 of bits 2, 3; the four signs as int8; 0}.  +-1 in float16 differ only in bit
+// 15, and byte k of ~(spread * 0xFE) is 0x01 where bit k is set, else 0xFF (the spread
+// x * 0x204081 moves bit k to bit 8k with no carries).  Arithmetic instead of a shared
+// table look-up: the shared-memory pipe is what bounds this kernel.
+TQQ_D uint4 tqq_sign_frag(tqq_u32 x) {
+  const tqq_u32 m1 = 0xBC00BC00u;  // (-1, -1)
+  const tqq_u32 h0 = m1 ^ ((x & 1u) << 15) ^ ((x & 2u) << 30);
+  const tqq_u32 h1 = m1 ^ ((x & 4u) << 13) ^ ((x & 8u) << 28);
+  const tqq_u32 spread = (x * 0x204081u) & 0x01010101u;
+  return tqq_u4(h0, h1, ~(spread * 0xFEu), 0u);
 }
 
 // One query set's A fragments from qs[16][P] (scaled, zero rows past m), per k-step s:
@@ -1114,7 +1127,6 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
   constexpr int NWQ = (TBQ + 3) / 4;
   constexpr int CB = P * B / 8, QBR = P / 8;  // bytes per row
   constexpr int PAIR_BYTES = B > 0 ? (1 << (2 * B)) * 128 : 0;
-  constexpr int SIGN_BYTES = PROD ? 16 * 256 : 0;
   constexpr int FRAG = KS * 2 * 32;           // uint4 per query set
   constexpr int NT = TQQ_MMA_TILES(PROD);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1123,16 +1135,15 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
 
   // the look-up tables are static shared memory: their addresses are compile-time
   // constants, folded into the LDS offsets (a dynamic base would cost an add per look-up)
-  __shared__ uint4 s_tab[(PAIR_BYTES + SIGN_BYTES) / 16];
+  __shared__ uint4 s_tab[PAIR_BYTES > 0 ? PAIR_BYTES / 16 : 1];
   char* s_pair = (char*)s_tab;
-  char* s_sign = s_pair + PAIR_BYTES;
   TQQ_SMEM(tqq_smem);
   uint4* s_fq = (uint4*)tqq_smem;
   uint4* s_fs = s_fq + (B > 0 ? FRAG : 0);
   float* s_qs = (float*)(s_fs + (PROD ? FRAG : 0));
   float* s_inv = s_qs + 16 * P;  // [0, 16) MSE query scales, [16, 32) QJL
 
-  for (int i = tid; i < (PAIR_BYTES + SIGN_BYTES) / 16; i += TQQ_NT) ((uint4*)s_pair)[i] = tables[i];
+  for (int i = tid; i < PAIR_BYTES / 16; i += TQQ_NT) ((uint4*)s_pair)[i] = tables[i];
   if constexpr (B > 0) {
     tqq_stage_queries<P>(qr, m, s_qs, s_inv, cinv);
     __syncthreads();
@@ -1148,7 +1159,6 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
   const float iq0 = s_inv[g], iq1 = s_inv[g + 8];
   const float is0 = s_inv[16 + g], is1 = s_inv[24 + g];
   const tqq_u32 lane_off = (tqq_u32)(lane & 15) << 3;    // pair table copy (8-byte entries)
-  const tqq_u32 lane_off16 = (tqq_u32)(lane & 15) << 4;  // sign table copy (16-byte entries)
 
   const tqq_i64 iters = (n + 8 * NT - 1) / (8 * NT);
   const tqq_i64 wstride = (tqq_i64)gridDim.x * (TQQ_NT / 32);
@@ -1248,8 +1258,7 @@ tqq_scores_mma(const tqq_u8* __restrict__ codes, const void* __restrict__ norms,
           const uint4 sh = s_fs[(2 * s) * 32 + lane];
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
-            // entry: {b0 half2 signs, b1 half2 signs, the four signs as int8, 0}
-            const uint4 e = tqq_lds128(s_sign, tqq_field<4 * s, 4, 8>(Q[i]) | lane_off16);
+            const uint4 e = tqq_sign_frag(tqq_field<4 * s, 4, 0>(Q[i]));
             tqq_mma16816(acs[i], sh, e.x, e.y);
             if constexpr (s % 2 == 1)
               tqq_imma16832(ias[i], s_fs[(2 * s - 1) * 32 + lane], sprev[i], e.z);
