@@ -506,12 +506,13 @@ def _check_emulated_case(mod, cp, case):
         be.asarray(np.zeros((2, d), np.float32))
 
 
-QJL_EMU_CASES = [  # (dim, bits, norm_correction, rotation, ENC_EMAX, n): the tensor-core QJL projection
-    (128, 3, True, "hadamard", 128, 300),   # P = 128: two m-tiles per warp, 16 n-tiles, partial last tile
-    (64, 1, False, "hadamard", 128, 130),   # QJL only (0 MSE bits), P = 64
-    (256, 2, False, "haar", 128, 70),       # P = 256: one m-tile per warp, 8 sign words per row
-    (32, 4, True, "hadamard", 128, 40),     # P = 32: one sign word
-    (128, 2, False, "hadamard", 32, 50),    # 4 threads per row: 32-row tiles, two warps idle
+QJL_EMU_CASES = [  # (dim, bits, norm_correction, rotation, ENC_EMAX, QJL_MG, n): the tensor-core QJL
+    (128, 3, True, "hadamard", 128, 1, 300),   # P = 128: 16 n-tiles, partial last tile
+    (128, 3, True, "hadamard", 128, 2, 300),   # two m-tiles per warp pass
+    (64, 1, False, "hadamard", 128, 2, 130),   # QJL only (0 MSE bits), P = 64
+    (256, 2, False, "haar", 128, 1, 70),       # P = 256: 8 sign words per row
+    (32, 4, True, "hadamard", 128, 1, 40),     # P = 32: one sign word
+    (128, 2, False, "hadamard", 32, 2, 50),    # 4 threads per row: 32-row tiles, two warps idle
 ]
 
 
@@ -522,8 +523,9 @@ def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
     FORMAT.md section 5's rounding bound of zero (check_encoding).  Decoding (whose QJL
     product also runs on tensor cores by default) meets float32 tolerance either way."""
     mod, cp = emulated_cupy
-    d, bits, nc, rotation, emax, n = case
+    d, bits, nc, rotation, emax, mg, n = case
     monkeypatch.setattr(mod, "ENC_EMAX", emax)
+    monkeypatch.setattr(mod, "QJL_MG", mg)
     monkeypatch.setattr(mod, "DEC_EMAX", {"mse": 128, "prod": emax})
     cfg = tq.QuantizerConfig(d, bits, kind="prod", rotation=rotation, seed=3, norm_correction=nc)
     plan = cfg.plan()
@@ -536,6 +538,7 @@ def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
         monkeypatch.setattr(mod, "FAST_KERNELS", {})
         assert mod.qjl_mma_ok(plan) == (impl == "mma")
         assert f"-DTQQ_QJL_MMA={int(impl == 'mma')}" in mod.kernel_defines()
+        assert f"-DTQQ_QJL_MG={mg}" in mod.kernel_defines()
         assert mod.qjl_mma_ok(plan, "decode") == (impl == "mma")
         with np.errstate(all="ignore"):
             check_encoding(plan, x, be.encode(plan, cp.asarray(x)), dense_exact=True, qjl_exact=impl == "exact")

@@ -66,7 +66,9 @@ DECODE_WP = 36  # decode output staging pitch in floats (TQQ_WP): a 32-column sl
 QJL_IMPL = os.environ.get("TQ_CUPY_QJL", "mma")
 if QJL_IMPL not in ("mma", "exact"):
     raise ValueError(f"TQ_CUPY_QJL must be 'mma' or 'exact', not {QJL_IMPL!r}")
-QJL_MG = _env_int("TQ_CUPY_QJL_MG", 2, (1, 2))  # 16-row tiles per warp pass of the tensor-core QJL
+# 16-row tiles per warp pass of the tensor-core QJL projection: 2 reuses each S fragment
+# twice but spills; 1 measured faster on an H100 (15.5 against 17.9 ms, qjl_mma_encode_mg*_b2_h100.md)
+QJL_MG = _env_int("TQ_CUPY_QJL_MG", 1, (1, 2))
 _BASE_OPTIONS = ("--std=c++17", "-fmad=false")
 
 

@@ -388,8 +388,8 @@ template <int P, int TR>
 TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8* __restrict__ qjl,
                          tqq_i64 row0, int rows) {
   constexpr int AP = P + 4, KS = P / 16, MTILES = TR / 16, NWD = P / 32;
-#ifndef TQQ_QJL_MG
-#define TQQ_QJL_MG 2
+#ifndef TQQ_QJL_MG  // the backend passes it (cupy_backend.QJL_MG)
+#define TQQ_QJL_MG 1
 #endif
   // m-tiles per warp pass (A in registers): more reuse of each S fragment, more registers
   constexpr int MG = (P <= 128 && MTILES >= 4 * TQQ_QJL_MG) ? TQQ_QJL_MG : 1;
