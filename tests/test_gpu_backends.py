@@ -670,3 +670,15 @@ def test_tensor_core_scores_on_gpu(case, monkeypatch):
         monkeypatch.setattr(cb, "SCORES_IMPL", impl)
         assert cb.mma_scores_ok(cfg.plan()) == (impl == "mma")
         scores_within_float_tolerance(cfg, x, y, lambda cn, yy: cp.asnumpy(qc.inner_product(cp.asarray(yy), cn.to("cupy"))))
+
+
+@pytest.mark.parametrize("var,value,message", [("TQ_CUPY_QJL", "fast", "TQ_CUPY_QJL must be 'mma' or 'exact'"),
+                                               ("TQ_CUPY_QJL_MG", "3", "TQ_CUPY_QJL_MG must be one of"),
+                                               ("TQ_CUPY_QJL_MG", "two", "TQ_CUPY_QJL_MG must be an integer")])
+def test_cupy_knobs_reject_bad_values(var, value, message):
+    """A mistyped tuning variable fails at import with a message naming it (no silent default)."""
+    import os
+    env = dict(os.environ, **{var: value})
+    r = subprocess.run([sys.executable, "-c", "import tq.backends.cupy_backend"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-500:]
