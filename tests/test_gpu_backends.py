@@ -516,7 +516,7 @@ QJL_EMU_CASES = [  # (dim, bits, norm_correction, rotation, ENC_EMAX, QJL_MG, n)
 ]
 
 
-@pytest.mark.parametrize("case", QJL_EMU_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+@pytest.mark.parametrize("case", QJL_EMU_CASES, ids=lambda c: "-".join(map(str, c[:6])))
 def test_tensor_core_qjl_in_host_emulation(emulated_cupy, case, monkeypatch):
     """TQ_CUPY_QJL=exact writes the reference's bytes; the default tensor-core projection
     writes the same codes, norms and residual norms, and QJL signs that differ only within

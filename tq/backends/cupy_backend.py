@@ -121,9 +121,10 @@ def _launch(kern, grid, block, args, smem, static_smem=0):
     """Launch; past 48 KB of shared memory (static + dynamic) the dynamic limit is raised first."""
     if smem + static_smem > 48 * 1024:
         key = ("smem", id(kern), cp.cuda.runtime.getDevice())
-        if _SMEM_SET.get(key, 0) < smem:
+        kept, done = _SMEM_SET.get(key, (None, 0))
+        if kept is not kern or done < smem:  # the entry holds kern, so its id is not reused
             kern.max_dynamic_shared_size_bytes = int(smem)
-            _SMEM_SET[key] = smem
+            _SMEM_SET[key] = (kern, smem)
     kern((int(grid),), (int(block),), args, shared_mem=int(smem))
 
 
