@@ -35,28 +35,15 @@ from bench_gpu import copy_ceiling, events_time, np_of, take_rows  # noqa: E402
 
 def sign_check(plan, x_rows, want, got) -> dict:
     """Differing QJL bits and the largest |p| / bound among them (float64 projection)."""
-    p, b = plan.padded_dim, plan.config.mse_bits
+    p = plan.padded_dim
     qw, qg = unpack_bits(want.qjl, p, 1), unpack_bits(got.qjl, p, 1)
     diff = qw != qg
     out = {"qjl_bits_differing": int(diff.sum()), "qjl_bits": int(diff.size)}
     if not diff.any():
         out["max_p_over_bound"] = 0.0
         return out
-    xs, _ = ref.prescale(x_rows.astype(np.float32))
-    y = ref.rotate(plan, xs)
-    rho = np.sqrt(ref.tree_sum_squares(y))
-    u = np.where(rho[:, None] > 0, y / np.where(rho > 0, rho, 1)[:, None], 0)
-    if b > 0:
-        c = plan.centroids[unpack_bits(want.codes, p, b)]
-        if plan.config.norm_correction:
-            c = c / np.sqrt(ref.tree_sum_squares(ref.decoded_direction(plan, c)))[:, None]
-    else:
-        c = np.zeros_like(u)
-    r = (u.astype(np.float32) - c).astype(np.float64)
-    s64 = plan.qjl_matrix.astype(np.float64)
-    g = max(2.0**-16, 2.0**-23 * p)
-    ratio = np.abs(r @ s64.T) / (g * (np.abs(r) @ np.abs(s64).T) + 1e-300)
-    out["max_p_over_bound"] = float(ratio[diff].max())
+    proj, bound = ref.qjl_sign_margin(plan, x_rows)
+    out["max_p_over_bound"] = float((np.abs(proj) / (bound + 1e-300))[diff].max())
     return out
 
 

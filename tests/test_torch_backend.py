@@ -34,7 +34,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 def tol(p: int) -> float:
     """FORMAT.md section 5: relative rounding distance allowed for a P-term dense product,
     max(2**-16, 2**-23 * P) (two float32 sums of P terms in different orders)."""
-    return max(2.0**-16, 2.0**-23 * p)
+    return ref.dense_tolerance(p)
 
 
 # ----------------------------------------------------------------- shared helpers
@@ -127,7 +127,9 @@ def check_encoding(plan, x_ref, got: Parts, dense_exact: bool, qjl_exact: bool |
         return
     haar = plan.signs is None
     p, b, n = plan.padded_dim, cfg.mse_bits, x_ref.shape[0]
-    xs, e, rho, u = _rotated_unit(plan, x_ref)
+    with np.errstate(all="ignore"):
+        xs, e, rho, u = ref.unit_rows(plan, x_ref)
+    u = u.astype(np.float64)
     rows_same = np.ones(n, bool)
     if b > 0:
         cw, cg = unpack_bits(want.codes, p, b).astype(int), unpack_bits(got.codes, p, b).astype(int)
@@ -160,34 +162,12 @@ def check_encoding(plan, x_ref, got: Parts, dense_exact: bool, qjl_exact: bool |
         _check_qjl_signs(plan, x_ref, want, got, rows_same)
 
 
-def _rotated_unit(plan, x_ref):
-    """(prescaled x, its exponents, rho, unit rotated rows u in float64): the reference's steps."""
-    xs, e = ref.prescale(x_ref.astype(np.float32))
-    y = ref.rotate(plan, xs)
-    rho = np.sqrt(ref.tree_sum_squares(y))
-    with np.errstate(all="ignore"):
-        u = np.where(rho[:, None] > 0, y / np.where(rho > 0, rho, 1)[:, None], 0).astype(np.float64)
-    return xs, e, rho, u
-
-
 def _check_qjl_signs(plan, x_ref, want, got, rows_same):
     """QJL signs of rows whose codes agree differ from the reference's only where the exact
     projection of the reference's residual lies within tol(p) |S| |r| of zero."""
-    cfg = plan.config
-    p, b = plan.padded_dim, cfg.mse_bits
-    u = _rotated_unit(plan, x_ref)[3]
-    # residual of the reference, then the exact projection in float64
-    if b > 0:
-        idx = unpack_bits(want.codes, p, b)
-        c = plan.centroids[idx]
-        if cfg.norm_correction:
-            cn = np.sqrt(ref.tree_sum_squares(ref.decoded_direction(plan, c)))
-            c = c / cn[:, None]
-    else:
-        c = np.zeros_like(u, dtype=np.float32)
-    r = (u.astype(np.float32) - c).astype(np.float64)
-    s64 = plan.qjl_matrix.astype(np.float64)
-    proj, bound = r @ s64.T, tol(p) * (np.abs(r) @ np.abs(s64).T)
+    p = plan.padded_dim
+    with np.errstate(all="ignore"):
+        proj, bound = ref.qjl_sign_margin(plan, x_ref)
     qw, qg = unpack_bits(want.qjl, p, 1), unpack_bits(got.qjl, p, 1)
     bad = (qw != qg) & rows_same[:, None] & ~(np.abs(proj) <= bound)
     assert not bad.any(), np.argwhere(bad)[:5]

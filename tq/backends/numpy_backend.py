@@ -107,25 +107,36 @@ def quantize(plan, u: np.ndarray) -> np.ndarray:
     return np.searchsorted(plan.boundaries, u, side="left").astype(np.uint8)
 
 
-def encode(plan, x: np.ndarray) -> Parts:
-    cfg = plan.config
-    x = x.astype(F32, copy=False)
-    xs, e = prescale(x)
+def unit_rows(plan, x: np.ndarray):
+    """Steps 1-4: (prescaled rows xs, exponents e, norm of the rotated rows, unit rows u)."""
+    xs, e = prescale(x.astype(F32, copy=False))
     y = rotate(plan, xs)
     norm = np.sqrt(tree_sum_squares(y))
     safe = np.where(norm > 0, norm, F32(1))
     u = np.where(norm[:, None] > 0, y / safe[:, None], F32(0))
+    return xs, e, norm, u
+
+
+def quantized_direction(plan, u: np.ndarray):
+    """(codes, the unit vector they stand for, its norm-correction divisor or None):
+    the centroids of the codes, divided by the norm of what decoding outputs when
+    norm correction is on."""
+    idx = quantize(plan, u)
+    c = plan.centroids[idx]
+    if not plan.config.norm_correction:
+        return idx, c, None
+    cn = np.sqrt(tree_sum_squares(decoded_direction(plan, c)))
+    return idx, c / cn[:, None], cn
+
+
+def encode(plan, x: np.ndarray) -> Parts:
+    cfg = plan.config
+    _, e, norm, u = unit_rows(plan, x)
     pow2e = np.ldexp(F32(1), e)
     n = x.shape[0]
     if cfg.mse_bits > 0:
-        idx = quantize(plan, u)
-        c = plan.centroids[idx]
-        if cfg.norm_correction:
-            cn = np.sqrt(tree_sum_squares(decoded_direction(plan, c)))
-            stored = (norm / cn) * pow2e
-            c = c / cn[:, None]
-        else:
-            stored = norm * pow2e
+        idx, c, cn = quantized_direction(plan, u)
+        stored = norm * pow2e if cn is None else (norm / cn) * pow2e
         codes = pack_bits(idx, cfg.mse_bits)
         norms = _to_norm_dtype(plan, stored)
     else:
@@ -142,6 +153,23 @@ def encode(plan, x: np.ndarray) -> Parts:
         qjl = np.zeros((n, 0), np.uint8)
         rnorms = np.zeros(0, plan.norm_dtype)
     return Parts(codes, norms, qjl, rnorms)
+
+
+# ----------------------------------------------------------------- agreement (FORMAT.md section 5)
+def dense_tolerance(p: int) -> float:
+    """g = max(2^-16, 2^-23 P): the relative rounding distance allowed where a backend
+    computes a P-term dense product in another order (two float32 sums of P terms)."""
+    return max(2.0**-16, 2.0**-23 * p)
+
+
+def qjl_sign_margin(plan, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p, g sum_j |S_ij r_j|) in float64 for the reference's QJL residual r of rows x:
+    a backend's sign bit i may differ from the reference's only where |p_i| <= the bound."""
+    u = unit_rows(plan, x)[3]
+    c = quantized_direction(plan, u)[1] if plan.config.mse_bits > 0 else np.zeros_like(u)
+    r = (u - c).astype(np.float64)
+    s = plan.qjl_matrix.astype(np.float64)
+    return r @ s.T, dense_tolerance(plan.padded_dim) * (np.abs(r) @ np.abs(s).T)
 
 
 def _to_norm_dtype(plan, v: np.ndarray) -> np.ndarray:
