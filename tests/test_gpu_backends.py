@@ -551,10 +551,11 @@ def test_qjl_mma_fragments():
     [n, s, lane] holds S[8n + g][16s + 2t + (0, 1, 8, 9)] for lane 4g + t."""
     from tq.backends.cupy_backend import qjl_mma_fragments
     S = tq.QuantizerConfig(64, 2, kind="prod", seed=9).plan().qjl_matrix
-    f = qjl_mma_fragments(S)
+    f, inv = qjl_mma_fragments(S)
     assert f.shape == (8, 4, 32, 4) and f.dtype == np.uint32
     half = lambda w, k: ((w >> (16 * k)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
     e = 9 - int(np.frexp(np.max(np.abs(S)))[1])
+    assert inv == 2.0 ** -e
     rebuilt = np.zeros((64, 64))
     for n_ in range(8):
         for s_ in range(4):

@@ -304,6 +304,13 @@ def mma_scores_static_smem(b: int) -> int:
     return (1 << (2 * b)) * 128 if b else 0
 
 
+def _pow2_scale(x) -> int:
+    """e such that max |x| 2^e lies in [256, 512) (0 for an all-zero x): the scale of the
+    split float16 operands of the tensor-core kernels, so no hi or lo part under- or overflows."""
+    mx = float(np.max(np.abs(x)))
+    return 0 if mx == 0 else 9 - int(np.frexp(mx)[1])
+
+
 def _i8(x, scale):
     return np.clip(np.rint(np.asarray(x, np.float64) * scale), -127, 127).astype(np.int8).view(np.uint8).astype(np.uint32)
 
@@ -321,8 +328,7 @@ def mma_scores_tables(centroids, bits: int):
     cinv = 1.0
     if bits:
         c = np.asarray(centroids, dtype=np.float32)
-        mx = float(np.max(np.abs(c)))
-        e = 0 if mx == 0 else 9 - int(np.frexp(mx)[1])  # max |c| 2^e in [256, 512)
+        e = _pow2_scale(c)
         cs = (c * np.float32(2.0 ** e)).astype(np.float32)
         hi = cs.astype(np.float16)
         lo = cs - hi.astype(np.float32)
@@ -346,8 +352,8 @@ def qjl_mma_ok(plan, op: str = "encode") -> bool:
             and tile_rows(p, emax) % 16 == 0)
 
 
-def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
-    """B fragments of the QJL matrix for tqq_mma_signs: uint32 [P/8, P/16, 32, 4].
+def qjl_mma_fragments(qjl_matrix) -> tuple[np.ndarray, float]:
+    """(B fragments of the QJL matrix for tqq_mma_signs: uint32 [P/8, P/16, 32, 4], 2^-e).
 
     S is scaled by 2^e (max |S| to [256, 512)) and split S = hi + lo with hi = float16(S)
     and lo = float16(S - hi).  Entry [n, s, lane] for lane = 4 g + t holds, as float16
@@ -357,8 +363,7 @@ def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
     """
     m = np.asarray(qjl_matrix, dtype=np.float32)
     p = m.shape[0]
-    mx = float(np.max(np.abs(m)))
-    e = 0 if mx == 0 else 9 - int(np.frexp(mx)[1])
+    e = _pow2_scale(m)
     ms = (m * np.float32(2.0 ** e)).astype(np.float32)
     hi = ms.astype(np.float16)
     lo = (ms - hi.astype(np.float32)).astype(np.float16)
@@ -369,18 +374,16 @@ def qjl_mma_fragments(qjl_matrix) -> np.ndarray:
     def pair(h, jj):
         return h[i, jj].view(np.uint16).astype(np.uint32) | h[i, jj + 1].view(np.uint16).astype(np.uint32) << 16
 
-    return np.stack([pair(hi, j), pair(hi, j + 8), pair(lo, j), pair(lo, j + 8)], axis=-1)
+    return np.stack([pair(hi, j), pair(hi, j + 8), pair(lo, j), pair(lo, j + 8)], axis=-1), 2.0 ** -e
 
 
 def _qjl_frags(plan, prm, op: str = "encode"):
     """Device fragments of 2^e S (encode: p = S r) or of 2^e S^T (decode: z = s S), and 2^-e."""
     key = "qjl_frag_" + op
     if key not in prm:
-        m = np.asarray(plan.qjl_matrix, dtype=np.float32)
-        m = m if op == "encode" else np.ascontiguousarray(m.T)
-        mx = float(np.max(np.abs(m)))
-        inv = 1.0 if mx == 0 else 2.0 ** -(9 - int(np.frexp(mx)[1]))
-        prm[key] = (cp.asarray(np.ascontiguousarray(qjl_mma_fragments(m))), inv)
+        m = plan.qjl_matrix if op == "encode" else plan.qjl_matrix.T
+        words, inv = qjl_mma_fragments(m)
+        prm[key] = (cp.asarray(np.ascontiguousarray(words)), inv)
     return prm[key]
 
 

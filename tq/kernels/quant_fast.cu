@@ -240,6 +240,18 @@ TQQ_D float tqq_dot4(const float* q, const float (&v)[E]) {
   return (a0 + a1) + (a2 + a3);
 }
 
+// tqq_exponent of max |v| over a row held by L lanes (E coordinates each): the max of
+// the magnitude bits, which order like the magnitudes
+template <int E, int L>
+TQQ_D int tqq_row_exponent(const float (&v)[E]) {
+  tqq_u32 mb = 0u;
+#pragma unroll
+  for (int k = 0; k < E; ++k) mb = tqq_umax(mb, tqq_absbits(v[k]));
+#pragma unroll
+  for (int m = 1; m < L; m <<= 1) mb = tqq_umax(mb, __shfl_xor_sync(TQQ_FULL, mb, m));
+  return tqq_exponent(__uint_as_float(mb));
+}
+
 // ------------------------------------------------------------ tensor-core helpers
 // mma.sync m16n8k16 (f16 inputs, f32 accumulation) and m16n8k32 (s8 inputs); fragment
 // layouts as in the PTX ISA (host emulation: quant_hostemu.cuh).
@@ -269,6 +281,15 @@ TQQ_D void tqq_imma16832(int (&c)[4], const uint4& a, tqq_u32 b0, tqq_u32 b1) {
 TQQ_D tqq_u32 tqq_h2(float x0, float x1) { return (tqq_u32)tqq_f2h(x0) | ((tqq_u32)tqq_f2h(x1) << 16); }
 // x minus its float16 rounding (exact in float32)
 TQQ_D float tqq_h_resid(float x) { return tqq_sub(x, tqq_h2f(tqq_f2h(x))); }
+// m16n8k16 A fragment of float16 f(x) from rows r0 (row g) and r1 (row g + 8), both already
+// offset to the lane's columns 2t of the k-step (8-byte aligned): columns 2t, 2t+1, 2t+8, 2t+9
+template <class F>
+TQQ_D uint4 tqq_a_frag(const float* r0, const float* r1, F f) {
+  const float2 x00 = *(const float2*)r0, x01 = *(const float2*)(r0 + 8);
+  const float2 x10 = *(const float2*)r1, x11 = *(const float2*)(r1 + 8);
+  return tqq_u4(tqq_h2(f(x00.x), f(x00.y)), tqq_h2(f(x10.x), f(x10.y)),
+                tqq_h2(f(x01.x), f(x01.y)), tqq_h2(f(x11.x), f(x11.y)));
+}
 // four int8, each round(x * scale) clamped to [-127, 127], x0 in the low byte
 TQQ_D tqq_u32 tqq_i8x4(float x0, float x1, float x2, float x3, float scale) {
   const float v[4] = {x0, x1, x2, x3};
@@ -376,8 +397,11 @@ TQQ_D void tqq_dense_signs(const float* X, const float* __restrict__ St, tqq_u8*
 // X: TR rows of pitch P + 4 (scaled residuals).  sfrag: [P/8 n-tiles][P/16 k-steps][32
 // lanes] of uint4 {b0, b1 of S_hi, b0, b1 of S_lo}.  Output: bit i of row r = (p_i >= 0),
 // LSB-first, P/8 bytes per row.
-#ifndef TQQ_QJL_MMA
+#ifndef TQQ_QJL_MMA  // the backend passes both (cupy_backend.QJL_IMPL, QJL_MG)
 #define TQQ_QJL_MMA 1
+#endif
+#ifndef TQQ_QJL_MG
+#define TQQ_QJL_MG 1
 #endif
 template <int P, int TR>
 struct TQQQjlMma {
@@ -388,9 +412,6 @@ template <int P, int TR>
 TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8* __restrict__ qjl,
                          tqq_i64 row0, int rows) {
   constexpr int AP = P + 4, KS = P / 16, MTILES = TR / 16, NWD = P / 32;
-#ifndef TQQ_QJL_MG  // the backend passes it (cupy_backend.QJL_MG)
-#define TQQ_QJL_MG 1
-#endif
   // m-tiles per warp pass (A in registers): more reuse of each S fragment, more registers
   constexpr int MG = (P <= 128 && MTILES >= 4 * TQQ_QJL_MG) ? TQQ_QJL_MG : 1;
   constexpr int ITEMS = MTILES / MG;
@@ -403,11 +424,8 @@ TQQ_D void tqq_mma_signs(const float* X, const uint4* __restrict__ sfrag, tqq_u8
       const float* r1 = r0 + 8 * AP;
 #pragma unroll
       for (int s = 0; s < KS; ++s) {
-        const float2 x00 = *(const float2*)(r0 + 16 * s), x01 = *(const float2*)(r0 + 16 * s + 8);
-        const float2 x10 = *(const float2*)(r1 + 16 * s), x11 = *(const float2*)(r1 + 16 * s + 8);
-        ah[m][s] = tqq_u4(tqq_h2(x00.x, x00.y), tqq_h2(x10.x, x10.y), tqq_h2(x01.x, x01.y), tqq_h2(x11.x, x11.y));
-        al[m][s] = tqq_u4(tqq_h2(tqq_h_resid(x00.x), tqq_h_resid(x00.y)), tqq_h2(tqq_h_resid(x10.x), tqq_h_resid(x10.y)),
-                          tqq_h2(tqq_h_resid(x01.x), tqq_h_resid(x01.y)), tqq_h2(tqq_h_resid(x11.x), tqq_h_resid(x11.y)));
+        ah[m][s] = tqq_a_frag(r0 + 16 * s, r1 + 16 * s, [](float x) { return x; });
+        al[m][s] = tqq_a_frag(r0 + 16 * s, r1 + 16 * s, [](float x) { return tqq_h_resid(x); });
       }
     }
 #pragma unroll 1
@@ -480,9 +498,7 @@ TQQ_D void tqq_mma_qjl_decode(const float* X, const uint4* __restrict__ sfrag, f
     const float* r1 = r0 + 8 * AP;
     uint4 a[KS];
 #pragma unroll
-    for (int s = 0; s < KS; ++s)
-      a[s] = tqq_u4(tqq_h2(r0[16 * s], r0[16 * s + 1]), tqq_h2(r1[16 * s], r1[16 * s + 1]),
-                    tqq_h2(r0[16 * s + 8], r0[16 * s + 9]), tqq_h2(r1[16 * s + 8], r1[16 * s + 9]));
+    for (int s = 0; s < KS; ++s) a[s] = tqq_a_frag(r0 + 16 * s, r1 + 16 * s, [](float x) { return x; });
 #pragma unroll 2
     for (int nt = n0; nt < n0 + NPER; ++nt) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -598,12 +614,7 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
     const bool valid = rl < rows;
 
     // 2. prescale by 2**-e
-    tqq_u32 mb = 0u;
-#pragma unroll
-    for (int k = 0; k < E; ++k) mb = tqq_umax(mb, tqq_absbits(v[k]));
-#pragma unroll
-    for (int m = 1; m < L; m <<= 1) mb = tqq_umax(mb, __shfl_xor_sync(TQQ_FULL, mb, m));
-    const int e = tqq_exponent(__uint_as_float(mb));
+    const int e = tqq_row_exponent<E, L>(v);
     const float sc = tqq_pow2(-e);
 #pragma unroll
     for (int k = 0; k < E; ++k) v[k] = tqq_mul(v[k], sc);
@@ -730,14 +741,8 @@ tqq_encode(const char* __restrict__ x, tqq_i64 n, int d, tqq_i64 ldx_bytes, int 
       const float g = tqq_mul(tqq_mul(tqq_sqrt(tqq_tree_sq<E, L>(v)), rho), p2e);
       if (valid && part == 0) tqq_store_norm(rnorms, row, g, f16n);
       if constexpr (TQQQjlMma<P, TR>::ok) {  // scale the row: max |r_j| to [256, 512)
-        tqq_u32 rb = 0u;
-#pragma unroll
-        for (int k = 0; k < E; ++k) rb = tqq_umax(rb, tqq_absbits(v[k]));
-#pragma unroll
-        for (int m = 1; m < L; m <<= 1) rb = tqq_umax(rb, __shfl_xor_sync(TQQ_FULL, rb, m));
-        int er = 9 - tqq_exponent(__uint_as_float(rb));
-        er = er > 126 ? 126 : (er < -126 ? -126 : er);
-        const float rs = tqq_pow2(er);
+        const int er = 9 - tqq_row_exponent<E, L>(v);
+        const float rs = tqq_pow2(er < 126 ? er : 126);
 #pragma unroll
         for (int k = 0; k < E; ++k) v[k] = tqq_mul(v[k], rs);
       }
