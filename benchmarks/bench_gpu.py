@@ -60,6 +60,15 @@ def copy_ceiling(torch, nbytes=4 << 30, repeats=10):
     return 2 * nbytes / t, t
 
 
+def gpu_environment(torch):
+    """(environment with the GPU's name and copy ceiling, ceiling in bytes/s, copy seconds)."""
+    env = environment(("torch", "cupy"))
+    env["gpu"] = torch.cuda.get_device_name()
+    bw, tcopy = copy_ceiling(torch)
+    env["copy_ceiling_GBps"] = round(bw / 1e9, 1)
+    return env, bw, tcopy
+
+
 def np_of(a):
     if type(a).__module__.startswith("torch"):
         return a.detach().cpu().numpy()
@@ -124,8 +133,7 @@ def main():
     import torch
 
     t_start = time.time()
-    env = environment(("torch", "cupy"))
-    env["gpu"] = torch.cuda.get_device_name()
+    env, bw, tcopy = gpu_environment(torch)
     props = torch.cuda.get_device_properties(0)
     env["sm_count"] = props.multi_processor_count
     env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
@@ -137,8 +145,6 @@ def main():
     env["cupy_kernel_defines"] = " ".join(cupy_backend.kernel_defines())  # row split (TQ_CUPY_* overrides)
     env["n"], env["dim"], env["queries"], env["input_dtype"] = args.n, args.dim, args.queries, "float16"
 
-    bw, tcopy = copy_ceiling(torch)
-    env["copy_ceiling_GBps"] = round(bw / 1e9, 1)
     print(f"copy ceiling: {bw / 1e9:.0f} GB/s (4 GiB copy in {tcopy * 1e3:.2f} ms)", flush=True)
 
     n, d, m = args.n, args.dim, args.queries

@@ -29,8 +29,7 @@ import tq  # noqa: E402
 from tq.backends import numpy_backend as ref  # noqa: E402
 from tq.packing import unpack_bits  # noqa: E402
 
-from _common import environment  # noqa: E402
-from bench_gpu import copy_ceiling, events_time, np_of, take_rows  # noqa: E402
+from bench_gpu import events_time, gpu_environment, np_of, take_rows  # noqa: E402
 
 
 def sign_check(plan, x_rows, want, got) -> dict:
@@ -62,10 +61,7 @@ def main():
     import torch
     from tq.backends import cupy_backend as cb
 
-    env = environment(("torch", "cupy"))
-    env["gpu"] = torch.cuda.get_device_name()
-    ceiling, _ = copy_ceiling(torch)
-    env["copy_ceiling_GBps"] = round(ceiling / 1e9, 1)
+    env, ceiling, _ = gpu_environment(torch)
     t0 = time.time()
     n, d = args.n, args.dim
     gen = torch.Generator(device="cuda").manual_seed(1234)

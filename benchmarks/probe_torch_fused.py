@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tq  # noqa: E402
 from tq.backends import torch_backend as tb  # noqa: E402
 
-from _common import environment  # noqa: E402
-from bench_gpu import copy_ceiling, events_time  # noqa: E402
+from bench_gpu import events_time, gpu_environment  # noqa: E402
 
 FIELDS = ("codes", "norms", "qjl", "rnorms")
 
@@ -64,10 +63,7 @@ def main():
     import cupy as cp
     import torch
 
-    env = environment(("torch", "cupy"))
-    env["gpu"] = torch.cuda.get_device_name()
-    bw, _ = copy_ceiling(torch)
-    env["copy_ceiling_GBps"] = round(bw / 1e9, 1)
+    env, bw, _ = gpu_environment(torch)
     cupy_be, torch_be = tq.get_backend("cupy"), tq.get_backend("torch")
     rows, edge = [], []
     # edge configurations: bytes only
