@@ -161,6 +161,33 @@ def test_compiled_torch_encode_on_cuda(setting, n, scale, dtype, seed):
         check_encoding(plan, xr, tb.encode_fused(plan, xt.cuda()), dense_exact=False)
 
 
+# Gluon (mse, bits <= 4, P <= 128) and the plain Triton kernel (prod, padded norm correction, P = 256)
+TRITON_CASES = FUSED_CASES + [(128, 2, "mse", False), (128, 4, "mse", True), (96, 3, "mse", False),
+                              (256, 3, "prod", False), (16, 1, "mse", False)]
+
+
+@pytest.mark.gpu
+@settings(max_examples=30, **SETTINGS)
+@given(setting=st.sampled_from(TRITON_CASES), n=st.sampled_from([1, 129, 1500]),
+       scale=st.sampled_from(["unit", "tiny", "huge", "subnormal", "mixed", "zeros", "one_hot"]),
+       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**32 - 1))
+def test_triton_torch_encode_on_cuda(setting, n, scale, dtype, seed):
+    """backend="torch-triton" on CUDA (the Gluon and plain Triton encode kernels) against the
+    reference: hadamard codes and norms bit-identical, QJL signs within FORMAT.md section 5."""
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("needs a CUDA GPU and torch")
+    pytest.importorskip("triton")
+    from tq.backends import triton_backend as trb
+
+    dim, bits, kind, nc = setting
+    plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=3, norm_correction=nc).plan()
+    xt, xr = as_dtype(make_input(np.random.default_rng(seed), n, dim, scale, dtype), dtype)
+    assert trb.applies(plan, xt.cuda())
+    with np.errstate(all="ignore"):
+        check_encoding(plan, xr, trb.encode(plan, xt.cuda()), dense_exact=False)
+
+
 @pytest.mark.gpu
 @settings(max_examples=8, **SETTINGS)
 @given(setting=st.sampled_from(FUSED_CASES), n=st.sampled_from([1, 129, 1500]),

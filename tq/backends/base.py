@@ -87,6 +87,7 @@ _BUILTIN = {
     "numba": "tq.backends.numba_backend",
     "torch": "tq.backends.torch_backend",
     "torch-compiled": "tq.backends.torch_backend",
+    "torch-triton": "tq.backends.triton_backend",
     "cupy": "tq.backends.cupy_backend",
 }
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -148,6 +149,7 @@ _HINTS: dict[str, str] = {
     "numba": "Install it with `pip install numba`.",
     "torch": "Install it with `pip install tq[torch]` (or `pip install torch`).",
     "torch-compiled": "Install it with `pip install tq[torch]` (or `pip install torch`).",
+    "torch-triton": "It needs torch with Triton (CUDA builds of torch ship it): `pip install tq[torch] triton`.",
     "cupy": "It needs an NVIDIA GPU and CuPy: `pip install tq[cuda12]` or `tq[cuda13]`.",
 }
 

@@ -1,0 +1,256 @@
+"""Triton kernels of the torch backend on CUDA: the hadamard encode as one fused kernel.
+
+A program owns BLOCK_R rows of the (rows, P) float32 tile and executes docs/FORMAT.md
+section 2 on it, one rounding per operation in the specification's order, so the bytes
+equal the NumPy reference's:
+
+* an FWHT stage gathers every coordinate's partner i ^ h along the row (``tl.gather``)
+  and keeps v_i + v_{i+h} or v_i - v_{i+h} (the butterfly's own adds);
+* the sum of squares is the halving tree, as the same partner exchange (``tl.sum`` would
+  not fix the order); the square root and the division are the correctly rounded ``sqrt_rn`` and
+  ``div_rn``;
+* launched with ``enable_fp_fusion=False`` (no multiply-add contraction) and
+  ``enable_reflect_ftz=False`` (libdevice keeps subnormals);
+* codes are the count of boundaries strictly below u (FORMAT.md step 5), packed LSB-first
+  in groups of eight codes per ``bits`` bytes (FORMAT.md section 4).
+
+For kind ``prod`` the same program also writes the residual's QJL signs: p = S r as an
+IEEE float32 ``tl.dot`` (fused multiply-adds in some order; its error is within the
+bound FORMAT.md section 5 allows a sign to move, 2(P-1)·2^-24 of sum |S_ij r_j|) and the
+residual norm.
+
+Only imported when the ``"torch-triton"`` backend is used on a CUDA tensor (or by the
+tests under ``TRITON_INTERPRET=1``, which runs the same kernels on the CPU).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Launch options that make the arithmetic the specification's (see the module docstring).
+STRICT = {"enable_fp_fusion": False}
+try:  # the option exists on Triton's NVIDIA backend; the interpreter ignores launch options
+    from triton.backends.nvidia.compiler import CUDAOptions as _CUDAOptions
+
+    if "enable_reflect_ftz" in _CUDAOptions.__dataclass_fields__:
+        STRICT["enable_reflect_ftz"] = False
+except Exception:  # pragma: no cover - other Triton builds
+    pass
+
+
+@triton.jit
+def _butterfly(v, cols, H: tl.constexpr):
+    """One FWHT stage: every pair (i, i + H) with i & H == 0 becomes (v_i + v_{i+H}, v_i - v_{i+H})."""
+    other = tl.gather(v, tl.broadcast_to((cols ^ H)[:, None], v.shape), axis=0)
+    return tl.where(((cols & H) != 0)[:, None], other - v, v + other)
+
+
+@triton.jit
+def _fwht(v, cols, LOG2P: tl.constexpr):
+    """Unnormalized FWHT along axis 1, stages H = 1, 2, 4, ..., P/2 in that order."""
+    for s in tl.static_range(LOG2P):
+        v = _butterfly(v, cols, 1 << s)
+    return v
+
+
+@triton.jit
+def _tree_sum(s, cols, LOG2P: tl.constexpr):
+    """Halving tree over axis 1 (length P = 2**LOG2P): s_i += s_{i+half} for half = P/2, ..., 1.
+
+    Done as a butterfly all-reduce (every lane adds its partner i ^ half): addition is
+    commutative, so lane i ends with exactly the tree's value, the same in every lane."""
+    P: tl.constexpr = 1 << LOG2P
+    for k in tl.static_range(LOG2P):
+        s = s + tl.gather(s, tl.broadcast_to((cols ^ (P >> (k + 1)))[:, None], s.shape), axis=0)
+    return tl.max(s, axis=0)
+
+
+@triton.jit
+def _norm(y, cols, LOG2P: tl.constexpr):
+    return tl.sqrt_rn(_tree_sum(y * y, cols, LOG2P))
+
+
+@triton.jit
+def _pow2(e):
+    """2**e as float32 for int32 e in [-126, 127], from the exponent bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unrotate(c, signs_ptr, cols, P: tl.constexpr, LOG2P: tl.constexpr,
+              ROUNDS: tl.constexpr):
+    """FORMAT.md section 3's inverse rotation (before truncation): FWHT then signs, rounds reversed."""
+    for i in tl.static_range(ROUNDS):
+        c = _fwht(c, cols, LOG2P) * tl.load(signs_ptr + (ROUNDS - 1 - i) * P + cols)[:, None]
+    return c * (1.0 / P)
+
+
+@triton.jit
+def _pack(idx, rows, rmask, out_ptr, R: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr,
+          BYTES_POW2: tl.constexpr):
+    """Store (R, P) integer codes < 2**BITS as the LSB-first bit stream of FORMAT.md section 4:
+    every 8 codes are one little-endian word of BITS bytes."""
+    wide = tl.int64 if BITS > 3 else tl.int32
+    shifts = (tl.arange(0, 8) * BITS).to(wide)
+    g = tl.reshape(idx.to(wide), [R, P // 8, 8])
+    word = tl.sum(g << shifts[None, None, :], axis=2)  # disjoint bit fields: the sum is the or
+    k = tl.arange(0, BYTES_POW2)
+    byte = ((word[:, :, None] >> (8 * k).to(wide)[None, None, :]) & 255).to(tl.uint8)
+    col = tl.arange(0, P // 8)[:, None] * BITS + k[None, :]
+    offs = rows.to(tl.int64)[:, None, None] * (P // 8 * BITS) + col[None, :, :]
+    mask = rmask[:, None, None] & (k < BITS)[None, None, :]
+    tl.store(out_ptr + offs, byte, mask=mask)
+
+
+@triton.jit(do_not_specialize=["stride_c"])
+def encode_kernel(x_ptr, n, stride_x, stride_c, signs_ptr, bounds_ptr, cents_ptr, qjlt_ptr,
+                  codes_ptr, norms_ptr, signs_out_ptr, rnorms_ptr,
+                  DIM: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr, ROUNDS: tl.constexpr,
+                  BITS: tl.constexpr, BYTES_POW2: tl.constexpr, NC: tl.constexpr,
+                  PROD: tl.constexpr, QN: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < n
+    cols = tl.arange(0, P)
+    x = tl.load(x_ptr + rows.to(tl.int64)[None, :] * stride_x + cols[:, None] * stride_c,
+                mask=rmask[None, :] & (cols < DIM)[:, None], other=0.0).to(tl.float32)
+
+    # 1. prescale by 2**-e, e = frexp(max|x|).exponent clamped to [-126, 126] (0 for a zero row)
+    m = tl.max(tl.abs(x), axis=0)
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 255
+    e = tl.where(m == 0, 0, tl.minimum(tl.maximum(biased - 126, -126), 126))
+    v = x * _pow2(-e)[None, :]
+    # 2. rotate: (signs, FWHT) per round, then 1/P
+    for r in tl.static_range(ROUNDS):
+        v = _fwht(v * tl.load(signs_ptr + r * P + cols)[:, None], cols, LOG2P)
+    y = v * (1.0 / P)
+    # 3-4. norm and unit vector (u = +-0 for a zero row)
+    rho = _norm(y, cols, LOG2P)
+    u = tl.div_rn(y, tl.where(rho > 0, rho, 1.0)[None, :])
+    pow2e = _pow2(e)
+
+    if BITS > 0:
+        # 5. codes: boundaries strictly below u; the centroid by the same comparisons
+        idx = tl.zeros([P, R], tl.int32)
+        c = tl.zeros([P, R], tl.float32) + tl.load(cents_ptr)
+        for k in tl.static_range((1 << BITS) - 1):
+            above = u > tl.load(bounds_ptr + k)
+            idx += above.to(tl.int32)
+            c = tl.where(above, tl.load(cents_ptr + k + 1), c)
+        _pack(tl.trans(idx), rows, rmask, codes_ptr, R, P, BITS, BYTES_POW2)
+        # 6. stored norm
+        if NC:
+            if DIM < P:
+                kappa = _norm(tl.where((cols < DIM)[:, None],
+                                       _unrotate(c, signs_ptr, cols, P, LOG2P, ROUNDS), 0.0),
+                              cols, LOG2P)
+            else:
+                kappa = _norm(c, cols, LOG2P)
+            stored = tl.div_rn(rho, kappa) * pow2e
+            if PROD:
+                c = tl.div_rn(c, kappa[None, :])
+        else:
+            stored = rho * pow2e
+        tl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
+        res = u - c
+    else:
+        res = u
+
+    if PROD:
+        # 7. residual norm and QJL signs of p = S r, QN output columns at a time
+        gamma = (_norm(res, cols, LOG2P) * rho) * pow2e
+        tl.store(rnorms_ptr + rows, gamma.to(rnorms_ptr.dtype.element_ty), mask=rmask)
+        jn = tl.arange(0, QN)
+        bit = tl.arange(0, 8)
+        for q0 in tl.static_range(0, P, QN):
+            st = tl.load(qjlt_ptr + cols[:, None] * P + (q0 + jn)[None, :])  # S^T[:, q0:q0+QN]
+            proj = tl.dot(tl.trans(res), st, input_precision="ieee")
+            g = tl.reshape((proj >= 0).to(tl.int32), [R, QN // 8, 8])
+            byte = tl.sum(g << bit[None, None, :], axis=2).to(tl.uint8)
+            offs = rows.to(tl.int64)[:, None] * (P // 8) + (q0 // 8 + tl.arange(0, QN // 8))[None, :]
+            tl.store(signs_out_ptr + offs, byte, mask=rmask[:, None])
+
+
+# ----------------------------------------------------------------- Gluon: the same encode, one row per thread
+# Plain Triton chooses the tile's layout itself and spreads a row over the lanes of a warp, so
+# every butterfly stage became shuffles or shared-memory round trips (offline PTX, P = 128:
+# 2.9e3 shuffles per thread).  Gluon (Triton's explicit-layout dialect) lets the tile be laid out
+# as CuPy's kernel holds it, one row per thread, P coordinates in registers: then the reshapes,
+# permutes, splits and joins of a stage are register renames and compile to nothing (offline
+# PTX: no shuffle, no shared memory, no local memory).  GPU only; the interpreter runs the
+# plain kernel above, which computes the same bytes.
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - Triton before 3.5
+    gluon = gl = None
+
+if gluon is not None:
+    @gluon.jit
+    def _g_butterfly(v, L: gl.constexpr, R: gl.constexpr, P: gl.constexpr, H: gl.constexpr):
+        v = gl.permute(gl.reshape(v, [R, P // (2 * H), 2, H]), (0, 1, 3, 2))
+        a, b = gl.split(v)
+        v = gl.permute(gl.join(a + b, a - b), (0, 1, 3, 2))
+        return gl.convert_layout(gl.reshape(v, [R, P]), L, assert_trivial=True)
+
+    @gluon.jit
+    def _g_fwht(v, L: gl.constexpr, R: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr):
+        for s in gl.static_range(LOG2P):
+            v = _g_butterfly(v, L, R, P, 1 << s)
+        return v
+
+    @gluon.jit
+    def _g_norm(y, L: gl.constexpr, R: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr):
+        s = y * y
+        for k in gl.static_range(LOG2P):  # the halving tree: s_i += s_{i+half}
+            a, b = gl.split(gl.permute(gl.reshape(s, [R, 2, P >> (k + 1)]), (0, 2, 1)))
+            s = a + b
+        return gl.sqrt_rn(gl.convert_layout(gl.reshape(s, [R]), gl.SliceLayout(1, L)))
+
+    @gluon.jit
+    def _g_pow2(e):
+        return ((e + 127) << 23).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def encode_mse_gluon(x_ptr, n, stride_x, signs_ptr, bounds_ptr, cents_ptr, codes_ptr, norms_ptr,
+                         DIM: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr, ROUNDS: gl.constexpr,
+                         BITS: gl.constexpr, NC: gl.constexpr, NW: gl.constexpr):
+        """encode_kernel for kind mse, 32 * NW rows per program, one row per thread (NC needs DIM == P)."""
+        R: gl.constexpr = 32 * NW
+        L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
+        rows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
+        rmask = rows < n
+        x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_x + cols[None, :],
+                    mask=rmask[:, None] & (cols < DIM)[None, :], other=0.0).to(gl.float32)
+        m = gl.max(gl.abs(x), axis=1)
+        biased = (m.to(gl.int32, bitcast=True) >> 23) & 255
+        e = gl.where(m == 0, 0, gl.minimum(gl.maximum(biased - 126, -126), 126))
+        v = x * _g_pow2(-e)[:, None]
+        for r in gl.static_range(ROUNDS):
+            v = _g_fwht(v * gl.load(signs_ptr + r * P + cols)[None, :], L, R, P, LOG2P)
+        y = v * (1.0 / P)
+        rho = _g_norm(y, L, R, P, LOG2P)
+        u = gl.div_rn(y, gl.where(rho > 0, rho, 1.0)[:, None])
+        idx = gl.zeros([R, P], gl.int32, L)
+        if NC:
+            c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
+        for k in gl.static_range((1 << BITS) - 1):
+            above = u > gl.load(bounds_ptr + k)
+            idx += above.to(gl.int32)
+            if NC:
+                c = gl.where(above, gl.load(cents_ptr + k + 1), c)
+        if NC:
+            stored = gl.div_rn(rho, _g_norm(c, L, R, P, LOG2P)) * _g_pow2(e)
+        else:
+            stored = rho * _g_pow2(e)
+        gl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
+        # pack: a thread's 8 consecutive codes form one little-endian word of BITS bytes
+        g = gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8])
+        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, g.type.layout))) * BITS
+        w = gl.sum(g << shifts.to(g.dtype)[None, None, :], axis=2)  # disjoint bit fields: sum == or
+        wl: gl.constexpr = w.type.layout
+        wrow = gl.convert_layout(rows, gl.SliceLayout(1, wl)).to(gl.int64)[:, None] * (P // 8 * BITS)
+        wmask = gl.convert_layout(rmask, gl.SliceLayout(1, wl))[:, None]
+        gcol = gl.arange(0, P // 8, layout=gl.SliceLayout(0, wl)) * BITS
+        for k in gl.static_range(BITS):
+            gl.store(codes_ptr + wrow + (gcol + k)[None, :], ((w >> (8 * k)) & 255).to(gl.uint8), mask=wmask)
