@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from ..config import next_pow2
 from .base import Parts, register_backend
