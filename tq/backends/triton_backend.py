@@ -65,8 +65,9 @@ def _encode_gluon(plan, x, prm, codes, norms):
         num_warps=GLUON_WARPS, **_tk.STRICT)
 
 
-def _dummy(dev, dtype=torch.float32):
-    return torch.empty(1, dtype=dtype, device=dev)
+def _dummy(dev, dtype=None):
+    """A one-element placeholder for a pointer argument the kernel's settings never read."""
+    return torch.empty(1, dtype=dtype or torch.float32, device=dev)
 
 
 def encode(plan, x) -> Parts:
