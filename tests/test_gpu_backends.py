@@ -88,6 +88,9 @@ def _targets():
     if torch is not None:
         out["torch-cuda"] = Target("torch-cuda", "torch", False, lambda t: t.cuda(),
                                    lambda a: torch.from_numpy(a).cuda())
+        if "torch-triton" in tq.available_backends():
+            out["torch-triton"] = Target("torch-triton", "torch-triton", False, lambda t: t.cuda(),
+                                         lambda a: torch.from_numpy(a).cuda())
     if cp is not None:
         def put_cupy(t):
             if str(t.dtype) == "torch.bfloat16":  # CuPy has no bfloat16: hand it the torch tensor
@@ -101,7 +104,7 @@ def _targets():
     return out
 
 
-TARGET_NAMES = ["torch-cuda", "cupy", "cupy-torch"]
+TARGET_NAMES = ["torch-cuda", "torch-triton", "cupy", "cupy-torch"]
 
 
 @pytest.fixture(params=TARGET_NAMES)
@@ -124,7 +127,7 @@ def test_encode_against_reference(target, case):
     be = tq.get_backend(target.backend)
     with np.errstate(all="ignore"):
         got = be.encode(plan, target.put(xt))
-        if target.name == "cupy-torch" or (target.backend == "torch"):
+        if target.name == "cupy-torch" or target.backend.startswith("torch"):
             assert type(got.codes).__module__.startswith("torch")
         check_encoding(plan, xr, got, dense_exact=target.exact, qjl_exact=_cupy_qjl_exact(target, plan))
 

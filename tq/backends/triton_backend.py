@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 
 from ..config import next_pow2
 from .base import Parts, register_backend
-from .torch_backend import TorchBackend, _empty_parts, _params, torch
+from .torch_backend import TorchBackend, _empty_parts, _mm, _params, torch
 from .torch_backend import decode as _torch_decode
 from .torch_backend import encode as _torch_encode
+from .torch_backend import rotate as _rotate
+from .torch_backend import scores as _torch_scores
 
 try:  # pragma: no cover - exercised by the availability check
     from . import triton_kernels as _tk
@@ -50,7 +53,7 @@ def gluon_applies(plan, x) -> bool:
     """Does the one-row-per-thread Gluon kernel take this encode (CUDA, kind mse, P <= 128, and
     norm correction only without padding)?  Elsewhere the plain Triton kernel runs."""
     cfg = plan.config
-    return (_tk is not None and _tk.gluon is not None and x.is_cuda and not _interpreted()
+    return (_tk is not None and _tk.gluon is not None and (x.is_cuda or _interpreted())
             and cfg.kind == "mse" and 0 < cfg.mse_bits <= MAX_BITS and 16 <= plan.padded_dim <= 128
             and (not cfg.norm_correction or plan.dim == plan.padded_dim))
 
@@ -70,8 +73,9 @@ def _dummy(dev, dtype=None):
     return torch.empty(1, dtype=dtype or torch.float32, device=dev)
 
 
-def encode(plan, x) -> Parts:
-    """Hadamard encode of (n, dim) rows through ``triton_kernels.encode_kernel``."""
+def encode(plan, x, gluon: bool | None = None) -> Parts:
+    """Hadamard encode of (n, dim) rows through ``triton_kernels.encode_mse_gluon`` where
+    :func:`gluon_applies` (or ``gluon=True``), else ``triton_kernels.encode_kernel``."""
     cfg = plan.config
     dev = x.device
     prm = _params(plan, dev)
@@ -82,7 +86,7 @@ def encode(plan, x) -> Parts:
         return Parts(codes, norms, qjl, rnorms)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if gluon_applies(plan, x):
+    if gluon_applies(plan, x) if gluon is None else (gluon and gluon_applies(plan, x)):
         _encode_gluon(plan, x, prm, codes, norms)
         return Parts(codes, norms, qjl, rnorms)
     f32 = _dummy(dev)
@@ -97,6 +101,111 @@ def encode(plan, x) -> Parts:
         BITS=b, BYTES_POW2=next_pow2(max(b, 1)), NC=cfg.norm_correction, PROD=prod,
         QN=min(QJL_COLUMNS, p), R=ROWS_PER_PROGRAM, **_tk.STRICT)
     return Parts(codes, norms, qjl, rnorms)
+
+
+# ----------------------------------------------------------------- decode and inner products
+DECODE_ROWS = 64       # rows of a decode program (one wgmma M tile)
+DECODE_COLUMNS = 64    # output columns per product: one (P, 64) slice of M in shared memory
+DECODE_WARPS = 8       # offline ptxas, P = 128: no spills at 8 warps (4 warps spilled)
+SCORE_ROWS = 128       # packed rows of a scores program
+SCORE_QUERIES = 16     # queries of a scores program (more queries: a second grid axis)
+SCORE_WARPS = 8        # offline ptxas, P = 128: no spills at 8 warps (4 warps spilled)
+SINGLE_STAGE = {"num_stages": 1}  # no software pipelining: the slices of M would not fit shared memory
+
+
+MAX_DECODE_P = 128     # at P = 256 the tiles overflow shared memory or spill (offline ptxas): eager torch
+
+
+def decode_applies(plan, parts) -> bool:
+    """Do the Triton decode and scores kernels take this plan (hadamard, 16 <= P <= 128, CUDA)?"""
+    p = plan.padded_dim
+    return (_tk is not None and plan.signs is not None and 16 <= p <= MAX_DECODE_P
+            and (parts.codes.is_cuda or _interpreted()))
+
+
+def tf32_halves(a: np.ndarray) -> np.ndarray:
+    """(2, ...) float32: a = hi + lo exactly, hi = a truncated to TF32's 10 mantissa bits and lo
+    the remainder (itself truncated by a TF32 product: 2^-20 relative of a)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    hi = (a.view(np.int32) & np.int32(-8192)).view(np.float32)
+    return np.stack([hi, a - hi])
+
+
+def _tf32_halves_torch(t):
+    hi = (t.contiguous().view(torch.int32) & -8192).view(torch.float32)
+    return torch.stack([hi, t - hi]).contiguous()
+
+
+def inverse_rotation_matrices(plan):
+    """(M, S M) as float32 numpy arrays: x = y M undoes the hadamard rotation (FORMAT.md section 3),
+    M = H D1 H D0 / P.  Entries of M are k / P with |k| <= P, exact in float32 and in TF32."""
+    def make():
+        p = plan.padded_dim
+        h = np.array([[(-1.0) ** bin(i & j).count("1") for j in range(p)] for i in range(p)])
+        s0, s1 = (np.asarray(r, dtype=np.float64) for r in plan.signs)
+        m = ((h * s1[None, :]) @ h) * s0[None, :] / p
+        sm = None if plan.qjl_matrix is None else np.asarray(plan.qjl_matrix, np.float64) @ m
+        return m.astype(np.float32), None if sm is None else sm.astype(np.float32)
+
+    return plan.cached(("triton-inverse-rotation",), make)
+
+
+def _device_arrays(plan, dev):
+    """M, the TF32 halves of S M and of the centroids, on ``dev`` (cached per plan and device)."""
+    def make():
+        m, sm = inverse_rotation_matrices(plan)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+        return {"m": t(m), "sm": None if sm is None else t(tf32_halves(sm)),
+                "cents": t(tf32_halves(plan.centroids)) if plan.config.mse_bits > 0 else _dummy(dev)}
+
+    return plan.cached(("triton-arrays", str(dev)), make)
+
+
+def _section_args(plan, parts, dev):
+    """The four sections (placeholders for absent ones) as kernel arguments."""
+    b, prod = plan.config.mse_bits, plan.config.kind == "prod"
+    u8, f32 = _dummy(dev, torch.uint8), _dummy(dev)
+    return (parts.codes if b > 0 else u8, parts.norms if b > 0 else f32,
+            parts.qjl if prod else u8, parts.rnorms if prod else f32)
+
+
+def decode(plan, parts):
+    """(n, dim) float32 from the packed sections through ``triton_kernels.decode_kernel``."""
+    dev = parts.codes.device
+    n, p, b = parts.codes.shape[0], plan.padded_dim, plan.config.mse_bits
+    out = torch.empty((n, plan.dim), dtype=torch.float32, device=dev)
+    if n == 0:
+        return out
+    arr, prod = _device_arrays(plan, dev), plan.config.kind == "prod"
+    sm = arr["sm"] if prod else _dummy(dev).expand(2, 1)
+    grid = (triton.cdiv(n, DECODE_ROWS),)
+    _tk.decode_kernel[grid](
+        *_section_args(plan, parts, dev), _params(plan, dev)["centroids"], arr["m"], sm[0], sm[1], out,
+        n, out.stride(0), float(plan.qjl_scale),
+        DIM=plan.dim, P=p, BITS=b, CODE_BYTES=plan.code_bytes, PROD=prod,
+        R=DECODE_ROWS, NB=min(DECODE_COLUMNS, p), num_warps=DECODE_WARPS, **SINGLE_STAGE)
+    return out
+
+
+def scores(plan, q, parts):
+    """(m, n) float32 estimates of <q_i, x_j> through ``triton_kernels.scores_kernel``: the
+    queries are rotated once (eager torch), the packed rows read once per 16 queries."""
+    dev = parts.codes.device
+    prm, arr = _params(plan, dev), _device_arrays(plan, dev)
+    qr = _rotate(plan, prm, q.to(device=dev, dtype=torch.float32))
+    m, n, p = q.shape[0], parts.codes.shape[0], plan.padded_dim
+    prod = plan.config.kind == "prod"
+    out = torch.empty((m, n), dtype=torch.float32, device=dev)
+    if m == 0 or n == 0:
+        return out
+    sq = _tf32_halves_torch(_mm(qr, prm["qjl_t"])) if prod else _dummy(dev)
+    grid = (triton.cdiv(n, SCORE_ROWS), triton.cdiv(m, SCORE_QUERIES))
+    _tk.scores_kernel[grid](
+        _tf32_halves_torch(qr), sq, *_section_args(plan, parts, dev), arr["cents"], out, m, n, out.stride(0),
+        float(plan.qjl_scale), P=p, NCENT=1 << plan.config.mse_bits, BITS=plan.config.mse_bits,
+        CODE_BYTES=plan.code_bytes, PROD=prod, BM=SCORE_QUERIES, BN=SCORE_ROWS, num_warps=SCORE_WARPS,
+        **SINGLE_STAGE)
+    return out
 
 
 if _tk is not None:
@@ -119,4 +228,7 @@ class TorchTritonBackend(TorchBackend):
         return encode(plan, x) if applies(plan, x) else _torch_encode(plan, x)
 
     def decode(self, plan, parts):
-        return _torch_decode(plan, parts)
+        return decode(plan, parts) if decode_applies(plan, parts) else _torch_decode(plan, parts)
+
+    def scores(self, plan, q, parts):
+        return scores(plan, q, parts) if decode_applies(plan, parts) else _torch_scores(plan, q, parts)

@@ -1,4 +1,5 @@
-"""Triton kernels of the torch backend on CUDA: the hadamard encode as one fused kernel.
+"""Triton kernels of the torch backend on CUDA: the hadamard encode as one fused kernel, decode
+and inner products straight from the packed rows.
 
 A program owns BLOCK_R rows of the (rows, P) float32 tile and executes docs/FORMAT.md
 section 2 on it, one rounding per operation in the specification's order, so the bytes
@@ -23,6 +24,8 @@ Only imported when the ``"torch-triton"`` backend is used on a CUDA tensor (or b
 tests under ``TRITON_INTERPRET=1``, which runs the same kernels on the CPU).
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -170,19 +173,150 @@ def encode_kernel(x_ptr, n, stride_x, stride_c, signs_ptr, bounds_ptr, cents_ptr
             tl.store(signs_out_ptr + offs, byte, mask=rmask[:, None])
 
 
+
+# ----------------------------------------------------------------- decode and inner products
+# Not bit-specified (FORMAT.md section 3: float32 tolerance), so these run on tensor cores: the
+# inverse rotation is one (P, P) matrix M = H D1 H D0 / P, whose entries k/P (|k| <= P) are exact
+# in TF32.
+
+
+@triton.jit
+def _unpack(ptr, rows, rmask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, P: tl.constexpr):
+    """(R, P) codes of BITS bits from the LSB-first rows of FORMAT.md section 4: every 8 codes are
+    one little-endian word of BITS bytes, so a row is P / 8 words (BITS byte loads each)."""
+    wide = tl.int64 if BITS > 4 else tl.int32  # bit 31 may be set: the final mask drops the sign
+    base = ptr + rows.to(tl.int64)[:, None] * ROW_BYTES + (tl.arange(0, P // 8) * BITS)[None, :]
+    w = tl.zeros([rows.shape[0], P // 8], wide)
+    for k in tl.static_range(BITS):
+        w |= tl.load(base + k, mask=rmask[:, None], other=0).to(wide) << (8 * k)
+    shifts = (tl.arange(0, 8) * BITS).to(wide)
+    return tl.reshape(((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32),
+                      [rows.shape[0], P])
+
+
+@triton.jit
+def _centroids(idx, cents_ptr, BITS: tl.constexpr):
+    """c[idx]: up to 16 centroids by a chain of selects (no per-element addresses), else a gather."""
+    if BITS <= 4:
+        c = tl.zeros(idx.shape, tl.float32) + tl.load(cents_ptr)
+        for k in tl.static_range(1, 1 << BITS):
+            c = tl.where(idx == k, tl.load(cents_ptr + k), c)
+    else:
+        c = tl.load(cents_ptr + idx)
+    return c
+
+
+@triton.jit
+def _rotated_rows(codes_ptr, norms_ptr, cents_ptr, rows, rmask, BITS: tl.constexpr,
+                  CODE_BYTES: tl.constexpr, P: tl.constexpr):
+    """nu * c[idx]: the MSE part of the rotated estimate, (R, P) float32."""
+    c = _centroids(_unpack(codes_ptr, rows, rmask, BITS, CODE_BYTES, P), cents_ptr, BITS)
+    return c * tl.load(norms_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _signs(qjl_ptr, rows, rmask, P: tl.constexpr):
+    """QJL sign bits of the rows as +-1.0, (R, P)."""
+    return _unpack(qjl_ptr, rows, rmask, 1, P // 8, P).to(tl.float32) * 2.0 - 1.0
+
+
+@triton.jit
+def _tf32_split(v):
+    """v = hi + lo with hi = v truncated to TF32 (10 mantissa bits) and lo exact: the two halves
+    of a float32 operand for TF32 products against an operand that TF32 holds exactly."""
+    hi = (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, v - hi
+
+
+@triton.jit
+def decode_kernel(codes_ptr, norms_ptr, qjl_ptr, rnorms_ptr, cents_ptr, m_ptr, smhi_ptr, smlo_ptr, out_ptr,
+                  n, stride_out, qscale,
+                  DIM: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CODE_BYTES: tl.constexpr,
+                  PROD: tl.constexpr, R: tl.constexpr, NB: tl.constexpr):
+    """x = (nu c[idx]) M + (gamma sqrt(pi/2)/P) (2q - 1) (S M), NB output columns at a time.
+
+    M (entries k/P) and the +-1 signs are exact in TF32; the other operand is split into two
+    TF32 halves (_tf32_split; S M split on the host), so each product is a pair of TF32 tensor-core
+    products with float32 accumulation: about 2^-21 relative, inside FORMAT.md's 1e-5."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    rmask = rows < n
+    kk = tl.arange(0, P)
+    if BITS > 0:
+        y_hi, y_lo = _tf32_split(_rotated_rows(codes_ptr, norms_ptr, cents_ptr, rows, rmask, BITS, CODE_BYTES, P))
+    if PROD:
+        s = _signs(qjl_ptr, rows, rmask, P)
+        g = tl.load(rnorms_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * qscale
+    jn = tl.arange(0, NB)
+    for j0 in range(0, DIM, NB):  # a loop, not unrolled: one (P, NB) slice of M live at a time
+        b_offs = kk[:, None] * P + (j0 + jn)[None, :]
+        acc = tl.zeros([R, NB], tl.float32)
+        if BITS > 0:
+            mb = tl.load(m_ptr + b_offs)
+            acc = tl.dot(y_hi, mb, acc, input_precision="tf32")
+            acc = tl.dot(y_lo, mb, acc, input_precision="tf32")
+        if PROD:
+            z = tl.dot(s, tl.load(smhi_ptr + b_offs), input_precision="tf32")
+            z = tl.dot(s, tl.load(smlo_ptr + b_offs), z, input_precision="tf32")
+            acc += z * g[:, None]
+        offs = rows.to(tl.int64)[:, None] * stride_out + (j0 + jn)[None, :]
+        tl.store(out_ptr + offs, acc, mask=rmask[:, None] & ((j0 + jn) < DIM)[None, :])
+
+
+@triton.jit
+def scores_kernel(q_ptr, sq_ptr, codes_ptr, norms_ptr, qjl_ptr, rnorms_ptr, cents_ptr, out_ptr,
+                  m, n, stride_out, qscale,
+                  P: tl.constexpr, NCENT: tl.constexpr, BITS: tl.constexpr, CODE_BYTES: tl.constexpr,
+                  PROD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """out[i, j] = nu_j <q~_i, c[idx_j]> + gamma_j sqrt(pi/2)/P <S q~_i, 2 q_j - 1> for BN packed
+    rows and BM queries; the rows are never decoded to memory.
+
+    Every float32 operand comes as two TF32 halves (hi + lo, split on the host: the rotated
+    queries q~ and S q~ as (2, m, P), the centroids as (2, 2^b)), and a product is
+    hi.hi + hi.lo + lo.hi on TF32 tensor cores, float32 accumulation (the +-1 signs are exact:
+    two products).  Tiles are (rows, queries) so the packed rows fill the MMA's M dimension."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < n
+    qi = tl.program_id(1) * BM + tl.arange(0, BM)
+    qmask = qi < m
+    kk = tl.arange(0, P)
+    q_offs = kk[:, None] + qi[None, :] * P  # (P, BM): the queries transposed
+    acc = tl.zeros([BN, BM], tl.float32)
+    if BITS > 0:
+        idx = _unpack(codes_ptr, rows, rmask, BITS, CODE_BYTES, P)
+        c_hi = _centroids(idx, cents_ptr, BITS)
+        q_hi = tl.load(q_ptr + q_offs, mask=qmask[None, :], other=0.0)
+        q_lo = tl.load(q_ptr + m * P + q_offs, mask=qmask[None, :], other=0.0)
+        acc = tl.dot(c_hi, q_hi, acc, input_precision="tf32")
+        acc = tl.dot(c_hi, q_lo, acc, input_precision="tf32")
+        acc = tl.dot(_centroids(idx, cents_ptr + NCENT, BITS), q_hi, acc, input_precision="tf32")
+        acc = acc * tl.load(norms_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if PROD:
+        sgn = _signs(qjl_ptr, rows, rmask, P)
+        z = tl.dot(sgn, tl.load(sq_ptr + q_offs, mask=qmask[None, :], other=0.0), input_precision="tf32")
+        z = tl.dot(sgn, tl.load(sq_ptr + m * P + q_offs, mask=qmask[None, :], other=0.0), z,
+                   input_precision="tf32")
+        acc += z * (tl.load(rnorms_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * qscale)[:, None]
+    offs = qi.to(tl.int64)[None, :] * stride_out + rows[:, None]
+    tl.store(out_ptr + offs, acc, mask=rmask[:, None] & qmask[None, :])
+
 # ----------------------------------------------------------------- Gluon: the same encode, one row per thread
 # Plain Triton chooses the tile's layout itself and spreads a row over the lanes of a warp, so
 # every butterfly stage became shuffles or shared-memory round trips (offline PTX, P = 128:
 # 2.9e3 shuffles per thread).  Gluon (Triton's explicit-layout dialect) lets the tile be laid out
 # as CuPy's kernel holds it, one row per thread, P coordinates in registers: then the reshapes,
 # permutes, splits and joins of a stage are register renames and compile to nothing (offline
-# PTX: no shuffle, no shared memory, no local memory).  GPU only; the interpreter runs the
-# plain kernel above, which computes the same bytes.
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-except ImportError:  # pragma: no cover - Triton before 3.5
-    gluon = gl = None
+# PTX: no shuffle, no shared memory, no local memory).  Under Triton's interpreter the same source
+# runs through tq/backends/_gluon_interp.py, so CI checks its bytes too.
+if os.environ.get("TRITON_INTERPRET") == "1":  # Gluon has no interpreter: run its kernels as Triton's
+    from . import _gluon_interp as gl
+
+    gluon = gl
+else:
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+    except ImportError:  # pragma: no cover - Triton before 3.5
+        gluon = gl = None
 
 if gluon is not None:
     @gluon.jit
@@ -245,10 +379,12 @@ if gluon is not None:
             stored = rho * _g_pow2(e)
         gl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
         # pack: a thread's 8 consecutive codes form one little-endian word of BITS bytes
-        g = gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8])
-        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, g.type.layout))) * BITS
+        L3: gl.constexpr = gl.BlockedLayout([1, P // 8, 8], [32, 1, 1], [NW, 1, 1], [2, 1, 0])
+        g = gl.convert_layout(gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8]), L3,
+                              assert_trivial=True)
+        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * BITS
         w = gl.sum(g << shifts.to(g.dtype)[None, None, :], axis=2)  # disjoint bit fields: sum == or
-        wl: gl.constexpr = w.type.layout
+        wl: gl.constexpr = gl.SliceLayout(2, L3)
         wrow = gl.convert_layout(rows, gl.SliceLayout(1, wl)).to(gl.int64)[:, None] * (P // 8 * BITS)
         wmask = gl.convert_layout(rmask, gl.SliceLayout(1, wl))[:, None]
         gcol = gl.arange(0, P // 8, layout=gl.SliceLayout(0, wl)) * BITS
