@@ -334,7 +334,11 @@ if gluon is not None:
 
     @gluon.jit
     def _g_norm(y, L: gl.constexpr, R: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr):
-        s = y * y
+        return _g_tree_sqrt(y * y, L, R, P, LOG2P)
+
+    @gluon.jit
+    def _g_tree_sqrt(s, L: gl.constexpr, R: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr):
+        """sqrt of the halving-tree sum of each row of s (FORMAT.md step 3)."""
         for k in gl.static_range(LOG2P):  # the halving tree: s_i += s_{i+half}
             a, b = gl.split(gl.permute(gl.reshape(s, [R, 2, P >> (k + 1)]), (0, 2, 1)))
             s = a + b
@@ -366,15 +370,15 @@ if gluon is not None:
         rho = _g_norm(y, L, R, P, LOG2P)
         u = gl.div_rn(y, gl.where(rho > 0, rho, 1.0)[:, None])
         idx = gl.zeros([R, P], gl.int32, L)
-        if NC:
-            c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
         for k in gl.static_range((1 << BITS) - 1):
-            above = u > gl.load(bounds_ptr + k)
-            idx += above.to(gl.int32)
-            if NC:
-                c = gl.where(above, gl.load(cents_ptr + k + 1), c)
-        if NC:
-            stored = gl.div_rn(rho, _g_norm(c, L, R, P, LOG2P)) * _g_pow2(e)
+            idx += (u > gl.load(bounds_ptr + k)).to(gl.int32)
+        if NC:  # kappa from the squares c[idx]^2 (u is dead by now: two P-vectors live, not three)
+            c0 = gl.load(cents_ptr)
+            sq = gl.zeros([R, P], gl.float32, L) + c0 * c0
+            for k in gl.static_range(1, 1 << BITS):
+                ck = gl.load(cents_ptr + k)
+                sq = gl.where(idx == k, ck * ck, sq)
+            stored = gl.div_rn(rho, _g_tree_sqrt(sq, L, R, P, LOG2P)) * _g_pow2(e)
         else:
             stored = rho * _g_pow2(e)
         gl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
