@@ -61,7 +61,7 @@ def test_plain_encode_kernel(case):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=encode_cases(kinds=("mse",)).filter(lambda c: trb.gluon_applies(c[0].plan(), torch.zeros(1))))
+@given(case=encode_cases().filter(lambda c: trb.gluon_applies(c[0].plan(), torch.zeros(1))))
 def test_gluon_encode_kernel(case):
     _encode_check(case, gluon=True)
 

@@ -55,6 +55,10 @@ def zeros(shape, dtype, layout=None):
     return tl.zeros(shape, dtype)
 
 
+def full(shape, value, dtype, layout=None):
+    return tl.full(shape, value, dtype)
+
+
 def _forward(name):
     def call(*args, **kwargs):
         return getattr(tl, name)(*args, **kwargs)

@@ -50,21 +50,26 @@ GLUON_WARPS = 4  # warps of a Gluon program: 128 rows, one per thread
 
 
 def gluon_applies(plan, x) -> bool:
-    """Does the one-row-per-thread Gluon kernel take this encode (CUDA, kind mse, P <= 128, and
-    norm correction only without padding)?  Elsewhere the plain Triton kernel runs."""
+    """Does the one-row-per-thread Gluon kernel take this encode (P <= 128, norm correction only
+    without padding)?  Elsewhere the plain Triton kernel runs."""
     cfg = plan.config
     return (_tk is not None and _tk.gluon is not None and (x.is_cuda or _interpreted())
-            and cfg.kind == "mse" and 0 < cfg.mse_bits <= MAX_BITS and 16 <= plan.padded_dim <= 128
+            and cfg.mse_bits <= MAX_BITS and 16 <= plan.padded_dim <= 128
             and (not cfg.norm_correction or plan.dim == plan.padded_dim))
 
 
-def _encode_gluon(plan, x, prm, codes, norms):
-    n, p = x.shape[0], plan.padded_dim
+def _encode_gluon(plan, x, prm, parts: Parts):
+    n, p, b = x.shape[0], plan.padded_dim, plan.config.mse_bits
+    prod, dev = plan.config.kind == "prod", x.device
+    f32, u8 = _dummy(dev), _dummy(dev, torch.uint8)
     grid = (triton.cdiv(n, 32 * GLUON_WARPS),)
-    _tk.encode_mse_gluon[grid](
-        x, n, x.stride(0), prm["signs"], prm["boundaries"], prm["centroids"], codes, norms,
+    _tk.encode_gluon[grid](
+        x, n, x.stride(0), prm["signs"], prm["boundaries"] if b > 0 else f32,
+        prm["centroids"] if b > 0 else f32, prm["qjl"] if prod else f32,
+        parts.codes if b > 0 else u8, parts.norms if b > 0 else f32,
+        parts.qjl if prod else u8, parts.rnorms if prod else f32,
         DIM=plan.dim, P=p, LOG2P=p.bit_length() - 1, ROUNDS=prm["signs"].shape[0],
-        BITS=plan.config.mse_bits, NC=plan.config.norm_correction, NW=GLUON_WARPS,
+        BITS=b, NC=plan.config.norm_correction, PROD=prod, NW=GLUON_WARPS,
         num_warps=GLUON_WARPS, **_tk.STRICT)
 
 
@@ -87,8 +92,9 @@ def encode(plan, x, gluon: bool | None = None) -> Parts:
     if x.stride(1) != 1:
         x = x.contiguous()
     if gluon_applies(plan, x) if gluon is None else (gluon and gluon_applies(plan, x)):
-        _encode_gluon(plan, x, prm, codes, norms)
-        return Parts(codes, norms, qjl, rnorms)
+        parts = Parts(codes, norms, qjl, rnorms)
+        _encode_gluon(plan, x, prm, parts)
+        return parts
     f32 = _dummy(dev)
     grid = (triton.cdiv(n, ROWS_PER_PROGRAM),)
     _tk.encode_kernel[grid](

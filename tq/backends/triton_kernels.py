@@ -349,13 +349,45 @@ if gluon is not None:
         return ((e + 127) << 23).to(gl.float32, bitcast=True)
 
     @gluon.jit
-    def encode_mse_gluon(x_ptr, n, stride_x, signs_ptr, bounds_ptr, cents_ptr, codes_ptr, norms_ptr,
-                         DIM: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr, ROUNDS: gl.constexpr,
-                         BITS: gl.constexpr, NC: gl.constexpr, NW: gl.constexpr):
-        """encode_kernel for kind mse, 32 * NW rows per program, one row per thread (NC needs DIM == P)."""
+    def _g_store_packed(idx, rows, rmask, codes_ptr, R: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr,
+                        NW: gl.constexpr):
+        """FORMAT.md section 4: a thread's 8 consecutive codes form one little-endian word of BITS bytes."""
+        L3: gl.constexpr = gl.BlockedLayout([1, P // 8, 8], [32, 1, 1], [NW, 1, 1], [2, 1, 0])
+        g = gl.convert_layout(gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8]), L3,
+                              assert_trivial=True)
+        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * BITS
+        w = gl.sum(g << shifts.to(g.dtype)[None, None, :], axis=2)  # disjoint bit fields: sum == or
+        wl: gl.constexpr = gl.SliceLayout(2, L3)
+        wrow = gl.convert_layout(rows, gl.SliceLayout(1, wl)).to(gl.int64)[:, None] * (P // 8 * BITS)
+        wmask = gl.convert_layout(rmask, gl.SliceLayout(1, wl))[:, None]
+        gcol = gl.arange(0, P // 8, layout=gl.SliceLayout(0, wl)) * BITS
+        for k in gl.static_range(BITS):
+            gl.store(codes_ptr + wrow + (gcol + k)[None, :], ((w >> (8 * k)) & 255).to(gl.uint8), mask=wmask)
+
+    @gluon.jit
+    def _g_store_qjl(res, rows, rmask, cols, qjl_ptr, signs_out_ptr, P: gl.constexpr, WB: gl.constexpr,
+                     RL: gl.constexpr):
+        """Sign bits of p = S r, WB outputs per word: p_i = sum_j S_ij r_j in the thread (S's row i is
+        one broadcast load), added in the compiler's order, within FORMAT.md section 5's bound."""
+        out = signs_out_ptr + rows.to(gl.int64) * (P // 8)
+        for wi in range(P // WB):
+            word = gl.zeros([rows.shape[0]], gl.int32, RL)
+            for t in range(WB):  # a loop, not unrolled: one row of S live at a time
+                srow = gl.load(qjl_ptr + (wi * WB + t) * P + cols)
+                word = word | ((gl.sum(res * srow[None, :], axis=1) >= 0).to(gl.int32) << t)
+            for k in gl.static_range(WB // 8):
+                gl.store(out + wi * (WB // 8) + k, ((word >> (8 * k)) & 255).to(gl.uint8), mask=rmask)
+
+    @gluon.jit
+    def encode_gluon(x_ptr, n, stride_x, signs_ptr, bounds_ptr, cents_ptr, qjl_ptr, codes_ptr, norms_ptr,
+                     signs_out_ptr, rnorms_ptr,
+                     DIM: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr, ROUNDS: gl.constexpr,
+                     BITS: gl.constexpr, NC: gl.constexpr, PROD: gl.constexpr, NW: gl.constexpr):
+        """encode_kernel with 32 * NW rows per program, one row per thread (NC needs DIM == P)."""
         R: gl.constexpr = 32 * NW
         L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
-        rows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        RL: gl.constexpr = gl.SliceLayout(1, L)
+        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
         cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
         rmask = rows < n
         x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_x + cols[None, :],
@@ -369,28 +401,32 @@ if gluon is not None:
         y = v * (1.0 / P)
         rho = _g_norm(y, L, R, P, LOG2P)
         u = gl.div_rn(y, gl.where(rho > 0, rho, 1.0)[:, None])
-        idx = gl.zeros([R, P], gl.int32, L)
-        for k in gl.static_range((1 << BITS) - 1):
-            idx += (u > gl.load(bounds_ptr + k)).to(gl.int32)
-        if NC:  # kappa from the squares c[idx]^2 (u is dead by now: two P-vectors live, not three)
-            c0 = gl.load(cents_ptr)
-            sq = gl.zeros([R, P], gl.float32, L) + c0 * c0
-            for k in gl.static_range(1, 1 << BITS):
-                ck = gl.load(cents_ptr + k)
-                sq = gl.where(idx == k, ck * ck, sq)
-            stored = gl.div_rn(rho, _g_tree_sqrt(sq, L, R, P, LOG2P)) * _g_pow2(e)
+        if BITS > 0:
+            idx = gl.zeros([R, P], gl.int32, L)
+            for k in gl.static_range((1 << BITS) - 1):
+                idx += (u > gl.load(bounds_ptr + k)).to(gl.int32)
+            if NC:  # kappa from the squares c[idx]^2: two P-vectors live, not three
+                c0 = gl.load(cents_ptr)
+                sq = gl.zeros([R, P], gl.float32, L) + c0 * c0
+                for k in gl.static_range(1, 1 << BITS):
+                    ck = gl.load(cents_ptr + k)
+                    sq = gl.where(idx == k, ck * ck, sq)
+                kappa = _g_tree_sqrt(sq, L, R, P, LOG2P)
+                stored = gl.div_rn(rho, kappa) * _g_pow2(e)
+            else:
+                stored = rho * _g_pow2(e)
+            gl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
+            _g_store_packed(idx, rows, rmask, codes_ptr, R, P, BITS, NW)
+            if PROD:  # the centroids again from u (cheaper than keeping idx, u and c live)
+                c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
+                for k in gl.static_range((1 << BITS) - 1):
+                    c = gl.where(u > gl.load(bounds_ptr + k), gl.load(cents_ptr + k + 1), c)
+                if NC:
+                    c = gl.div_rn(c, kappa[:, None])
+                res = u - c
         else:
-            stored = rho * _g_pow2(e)
-        gl.store(norms_ptr + rows, stored.to(norms_ptr.dtype.element_ty), mask=rmask)
-        # pack: a thread's 8 consecutive codes form one little-endian word of BITS bytes
-        L3: gl.constexpr = gl.BlockedLayout([1, P // 8, 8], [32, 1, 1], [NW, 1, 1], [2, 1, 0])
-        g = gl.convert_layout(gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8]), L3,
-                              assert_trivial=True)
-        shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * BITS
-        w = gl.sum(g << shifts.to(g.dtype)[None, None, :], axis=2)  # disjoint bit fields: sum == or
-        wl: gl.constexpr = gl.SliceLayout(2, L3)
-        wrow = gl.convert_layout(rows, gl.SliceLayout(1, wl)).to(gl.int64)[:, None] * (P // 8 * BITS)
-        wmask = gl.convert_layout(rmask, gl.SliceLayout(1, wl))[:, None]
-        gcol = gl.arange(0, P // 8, layout=gl.SliceLayout(0, wl)) * BITS
-        for k in gl.static_range(BITS):
-            gl.store(codes_ptr + wrow + (gcol + k)[None, :], ((w >> (8 * k)) & 255).to(gl.uint8), mask=wmask)
+            res = u
+        if PROD:
+            gamma = (_g_norm(res, L, R, P, LOG2P) * rho) * _g_pow2(e)
+            gl.store(rnorms_ptr + rows, gamma.to(rnorms_ptr.dtype.element_ty), mask=rmask)
+            _g_store_qjl(res, rows, rmask, cols, qjl_ptr, signs_out_ptr, P, 32 if P >= 32 else P, RL)
