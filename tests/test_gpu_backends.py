@@ -164,7 +164,7 @@ def test_compiled_torch_encode_on_cuda(setting, n, scale, dtype, seed):
         check_encoding(plan, xr, tb.encode_fused(plan, xt.cuda()), dense_exact=False)
 
 
-# Gluon (mse, bits <= 4, P <= 128) and the plain Triton kernel (prod, padded norm correction, P = 256)
+# the Gluon kernel (P <= 128, mse bits <= 4) and the plain Triton one (padded norm correction, P = 256)
 TRITON_CASES = FUSED_CASES + [(128, 2, "mse", False), (128, 4, "mse", True), (96, 3, "mse", False),
                               (256, 3, "prod", False), (16, 1, "mse", False)]
 

@@ -93,7 +93,7 @@ def _pack(idx, rows, rmask, out_ptr, R: tl.constexpr, P: tl.constexpr, BITS: tl.
           BYTES_POW2: tl.constexpr):
     """Store (R, P) integer codes < 2**BITS as the LSB-first bit stream of FORMAT.md section 4:
     every 8 codes are one little-endian word of BITS bytes."""
-    wide = tl.int64 if BITS > 3 else tl.int32
+    wide = tl.int64 if BITS > 4 else tl.int32  # 8 codes of <= 4 bits fill an int32 (bit 31 included)
     shifts = (tl.arange(0, 8) * BITS).to(wide)
     g = tl.reshape(idx.to(wide), [R, P // 8, 8])
     word = tl.sum(g << shifts[None, None, :], axis=2)  # disjoint bit fields: the sum is the or
@@ -353,7 +353,7 @@ if gluon is not None:
                         NW: gl.constexpr):
         """FORMAT.md section 4: a thread's 8 consecutive codes form one little-endian word of BITS bytes."""
         L3: gl.constexpr = gl.BlockedLayout([1, P // 8, 8], [32, 1, 1], [NW, 1, 1], [2, 1, 0])
-        g = gl.convert_layout(gl.reshape(idx.to(gl.int64) if BITS > 3 else idx, [R, P // 8, 8]), L3,
+        g = gl.convert_layout(gl.reshape(idx.to(gl.int64) if BITS > 4 else idx, [R, P // 8, 8]), L3,
                               assert_trivial=True)
         shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * BITS
         w = gl.sum(g << shifts.to(g.dtype)[None, None, :], axis=2)  # disjoint bit fields: sum == or
