@@ -1,14 +1,19 @@
 """The ``"torch-triton"`` backend: the torch backend with hand-written Triton kernels on CUDA.
 
-torch tensors in and out, like ``"torch"``.  On CUDA tensors with the ``hadamard``
-rotation the encode is one fused Triton kernel (:mod:`tq.backends.triton_kernels`) that
-keeps a tile of rows in registers from the load to the packed bytes, where eager torch
-makes some 30 passes over a float32 working tensor and ``torch.compile`` still four
-(docs/GPU_BACKENDS.md).  Same bytes as the reference: the kernel follows FORMAT.md
-section 2 operation by operation.  Everything else (CPU tensors, the dense ``haar``
-rotation, padded dims below 16) runs the eager torch code.
+torch tensors in and out, like ``"torch"``.  On CUDA tensors with the ``hadamard`` rotation
+(:mod:`tq.backends.triton_kernels`):
 
-Triton ships with CUDA builds of torch; the backend reports itself unavailable without it.
+* encode is one fused kernel that keeps the rows in registers from the load to the packed
+  bytes (Gluon, one row per thread, for P <= 128; plain Triton for P = 256 and padded norm
+  correction), where eager torch makes some 30 passes over a float32 working tensor and
+  ``torch.compile`` still four.  Same bytes as the reference: FORMAT.md section 2 operation
+  by operation (QJL signs within section 5's bound).
+* decode and inner products (P <= 128) read the packed sections once and compute on TF32
+  tensor cores with split operands (float32 accuracy, FORMAT.md section 3).
+
+Everything else (CPU tensors, the dense ``haar`` rotation, P < 16, more than 4 bits for the
+encode, P = 256 for decode and scores) runs the eager torch code.  Triton ships with CUDA
+builds of torch; the backend reports itself unavailable without it.
 """
 from __future__ import annotations
 

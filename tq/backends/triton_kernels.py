@@ -1,9 +1,9 @@
-"""Triton kernels of the torch backend on CUDA: the hadamard encode as one fused kernel, decode
+"""Triton kernels of the torch-triton backend: the hadamard encode as one fused kernel, decode
 and inner products straight from the packed rows.
 
-A program owns BLOCK_R rows of the (rows, P) float32 tile and executes docs/FORMAT.md
-section 2 on it, one rounding per operation in the specification's order, so the bytes
-equal the NumPy reference's:
+``encode_kernel`` (plain Triton) owns R rows of a (P, R) float32 tile and executes
+docs/FORMAT.md section 2 on it, one rounding per operation in the specification's order, so
+the bytes equal the NumPy reference's:
 
 * an FWHT stage gathers every coordinate's partner i ^ h along the row (``tl.gather``)
   and keeps v_i + v_{i+h} or v_i - v_{i+h} (the butterfly's own adds);
@@ -15,13 +15,15 @@ equal the NumPy reference's:
 * codes are the count of boundaries strictly below u (FORMAT.md step 5), packed LSB-first
   in groups of eight codes per ``bits`` bytes (FORMAT.md section 4).
 
-For kind ``prod`` the same program also writes the residual's QJL signs: p = S r as an
-IEEE float32 ``tl.dot`` (fused multiply-adds in some order; its error is within the
-bound FORMAT.md section 5 allows a sign to move, 2(P-1)·2^-24 of sum |S_ij r_j|) and the
-residual norm.
+For kind ``prod`` it also writes the residual's QJL signs: p = S r as an IEEE float32
+``tl.dot`` (fused multiply-adds in some order; its error is within the bound FORMAT.md
+section 5 allows a sign to move, 2(P-1)·2^-24 of sum |S_ij r_j|) and the residual norm.
 
-Only imported when the ``"torch-triton"`` backend is used on a CUDA tensor (or by the
-tests under ``TRITON_INTERPRET=1``, which runs the same kernels on the CPU).
+``encode_gluon`` is the same encode with one row per thread (see its section below);
+``decode_kernel`` and ``scores_kernel`` run on tensor cores (float32 tolerance).
+
+Only imported when the ``"torch-triton"`` backend is used (and by the tests under
+``TRITON_INTERPRET=1``, which runs the same kernels on the CPU).
 """
 from __future__ import annotations
 
