@@ -144,51 +144,44 @@ def _cupy_qjl_exact(target, plan):
 FUSED_CASES = [(128, 3, "mse", False), (128, 4, "prod", False), (100, 2, "mse", True), (64, 1, "prod", True)]
 
 
-@pytest.mark.gpu
-@settings(max_examples=24, **SETTINGS)
-@given(setting=st.sampled_from(FUSED_CASES), n=st.sampled_from([1, 129, 1500]),
-       scale=st.sampled_from(["unit", "tiny", "huge", "subnormal", "mixed", "zeros", "one_hot"]),
-       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**32 - 1))
-def test_compiled_torch_encode_on_cuda(setting, n, scale, dtype, seed):
-    """The torch.compile'd encode core on CUDA (Triton kernels, strict numerics) against the
-    reference: hadamard codes and norms bit-identical, QJL signs within FORMAT.md section 5."""
-    torch = _torch_cuda()
-    if torch is None:
-        pytest.skip("needs a CUDA GPU and torch")
-    from tq.backends import torch_backend as tb
-
-    dim, bits, kind, nc = setting
-    plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=3, norm_correction=nc).plan()
-    xt, xr = as_dtype(make_input(np.random.default_rng(seed), n, dim, scale, dtype), dtype)
-    with np.errstate(all="ignore"):
-        check_encoding(plan, xr, tb.encode_fused(plan, xt.cuda()), dense_exact=False)
-
-
 # the Gluon kernel (P <= 128, mse bits <= 4) and the plain Triton one (padded norm correction, P = 256)
 TRITON_CASES = FUSED_CASES + [(128, 2, "mse", False), (128, 4, "mse", True), (96, 3, "mse", False),
                               (256, 3, "prod", False), (16, 1, "mse", False)]
 
 
-@pytest.mark.gpu
-@settings(max_examples=30, **SETTINGS)
-@given(setting=st.sampled_from(TRITON_CASES), n=st.sampled_from([1, 129, 1500]),
-       scale=st.sampled_from(["unit", "tiny", "huge", "subnormal", "mixed", "zeros", "one_hot"]),
-       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**32 - 1))
-def test_triton_torch_encode_on_cuda(setting, n, scale, dtype, seed):
-    """backend="torch-triton" on CUDA (the Gluon and plain Triton encode kernels) against the
-    reference: hadamard codes and norms bit-identical, QJL signs within FORMAT.md section 5."""
-    torch = _torch_cuda()
-    if torch is None:
-        pytest.skip("needs a CUDA GPU and torch")
+def _fused_encoder(name):
+    """(encode function, the settings it is tested on) of a fused GPU encode path."""
+    if name == "torch-compiled":
+        from tq.backends import torch_backend as tb
+        return tb.encode_fused, FUSED_CASES
     pytest.importorskip("triton")
     from tq.backends import triton_backend as trb
 
-    dim, bits, kind, nc = setting
+    def encode(plan, x):
+        assert trb.applies(plan, x), "the eager fallback would run, not a Triton kernel"
+        return trb.encode(plan, x)
+
+    return encode, TRITON_CASES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["torch-compiled", "torch-triton"])
+@settings(max_examples=30, **SETTINGS)
+@given(pick=st.integers(0, 10**6), n=st.sampled_from([1, 129, 1500]),
+       scale=st.sampled_from(["unit", "tiny", "huge", "subnormal", "mixed", "zeros", "one_hot"]),
+       dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**32 - 1))
+def test_fused_torch_encode_on_cuda(path, pick, n, scale, dtype, seed):
+    """The fused encodes on CUDA (torch.compile'd core; torch-triton's Gluon and plain Triton
+    kernels) against the reference: hadamard codes and norms bit-identical, QJL signs within
+    FORMAT.md section 5."""
+    if _torch_cuda() is None:
+        pytest.skip("needs a CUDA GPU and torch")
+    encode, cases = _fused_encoder(path)
+    dim, bits, kind, nc = cases[pick % len(cases)]
     plan = tq.QuantizerConfig(dim, bits, kind=kind, seed=3, norm_correction=nc).plan()
     xt, xr = as_dtype(make_input(np.random.default_rng(seed), n, dim, scale, dtype), dtype)
-    assert trb.applies(plan, xt.cuda())
     with np.errstate(all="ignore"):
-        check_encoding(plan, xr, trb.encode(plan, xt.cuda()), dense_exact=False)
+        check_encoding(plan, xr, encode(plan, xt.cuda()), dense_exact=False)
 
 
 @pytest.mark.gpu
