@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ..config import next_pow2
+from . import numpy_backend as _ref
 from .base import Parts, register_backend
 from .torch_backend import TorchBackend, _empty_parts, _mm, _params, torch
 from .torch_backend import decode as _torch_decode
@@ -84,8 +85,8 @@ def _dummy(dev, dtype=None):
 
 
 def encode(plan, x, gluon: bool | None = None) -> Parts:
-    """Hadamard encode of (n, dim) rows through ``triton_kernels.encode_mse_gluon`` where
-    :func:`gluon_applies` (or ``gluon=True``), else ``triton_kernels.encode_kernel``."""
+    """Hadamard encode of (n, dim) rows through ``triton_kernels.encode_gluon`` where
+    :func:`gluon_applies` (unless ``gluon=False``), else ``triton_kernels.encode_kernel``."""
     cfg = plan.config
     dev = x.device
     prm = _params(plan, dev)
@@ -96,7 +97,7 @@ def encode(plan, x, gluon: bool | None = None) -> Parts:
         return Parts(codes, norms, qjl, rnorms)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if gluon_applies(plan, x) if gluon is None else (gluon and gluon_applies(plan, x)):
+    if gluon is not False and gluon_applies(plan, x):
         parts = Parts(codes, norms, qjl, rnorms)
         _encode_gluon(plan, x, prm, parts)
         return parts
@@ -121,10 +122,8 @@ DECODE_WARPS = 8       # offline ptxas, P = 128: no spills at 8 warps (4 warps s
 SCORE_ROWS = 128       # packed rows of a scores program
 SCORE_QUERIES = 16     # queries of a scores program (more queries: a second grid axis)
 SCORE_WARPS = 8        # offline ptxas, P = 128: no spills at 8 warps (4 warps spilled)
-SINGLE_STAGE = {"num_stages": 1}  # no software pipelining: the slices of M would not fit shared memory
-
-
 MAX_DECODE_P = 128     # at P = 256 the tiles overflow shared memory or spill (offline ptxas): eager torch
+SINGLE_STAGE = {"num_stages": 1}  # no software pipelining: the slices of M would not fit shared memory
 
 
 def decode_applies(plan, parts) -> bool:
@@ -134,16 +133,11 @@ def decode_applies(plan, parts) -> bool:
             and (parts.codes.is_cuda or _interpreted()))
 
 
-def tf32_halves(a: np.ndarray) -> np.ndarray:
-    """(2, ...) float32: a = hi + lo exactly, hi = a truncated to TF32's 10 mantissa bits and lo
-    the remainder (itself truncated by a TF32 product: 2^-20 relative of a)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    hi = (a.view(np.int32) & np.int32(-8192)).view(np.float32)
-    return np.stack([hi, a - hi])
-
-
-def _tf32_halves_torch(t):
-    hi = (t.contiguous().view(torch.int32) & -8192).view(torch.float32)
+def tf32_halves(t):
+    """(2, ...) float32 tensor: t = hi + lo exactly, hi = t truncated to TF32's 10 mantissa bits
+    and lo the remainder (itself truncated by a TF32 product: 2^-20 relative of t)."""
+    t = t.contiguous()
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)
     return torch.stack([hi, t - hi]).contiguous()
 
 
@@ -152,9 +146,10 @@ def inverse_rotation_matrices(plan):
     M = H D1 H D0 / P.  Entries of M are k / P with |k| <= P, exact in float32 and in TF32."""
     def make():
         p = plan.padded_dim
-        h = np.array([[(-1.0) ** bin(i & j).count("1") for j in range(p)] for i in range(p)])
-        s0, s1 = (np.asarray(r, dtype=np.float64) for r in plan.signs)
-        m = ((h * s1[None, :]) @ h) * s0[None, :] / p
+        v = np.eye(p)  # the rows of M: the reference's inverse rotation of each basis vector, untruncated
+        for signs in plan.signs[::-1]:
+            v = _ref.fwht(v) * signs
+        m = v / p
         sm = None if plan.qjl_matrix is None else np.asarray(plan.qjl_matrix, np.float64) @ m
         return m.astype(np.float32), None if sm is None else sm.astype(np.float32)
 
@@ -164,10 +159,9 @@ def inverse_rotation_matrices(plan):
 def _device_arrays(plan, dev):
     """M, the TF32 halves of S M and of the centroids, on ``dev`` (cached per plan and device)."""
     def make():
-        m, sm = inverse_rotation_matrices(plan)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-        return {"m": t(m), "sm": None if sm is None else t(tf32_halves(sm)),
-                "cents": t(tf32_halves(plan.centroids)) if plan.config.mse_bits > 0 else _dummy(dev)}
+        m, sm = (None if a is None else torch.from_numpy(a).to(dev) for a in inverse_rotation_matrices(plan))
+        return {"m": m, "sm": None if sm is None else tf32_halves(sm),
+                "cents": tf32_halves(_params(plan, dev)["centroids"]) if plan.config.mse_bits > 0 else _dummy(dev)}
 
     return plan.cached(("triton-arrays", str(dev)), make)
 
@@ -209,10 +203,10 @@ def scores(plan, q, parts):
     out = torch.empty((m, n), dtype=torch.float32, device=dev)
     if m == 0 or n == 0:
         return out
-    sq = _tf32_halves_torch(_mm(qr, prm["qjl_t"])) if prod else _dummy(dev)
+    sq = tf32_halves(_mm(qr, prm["qjl_t"])) if prod else _dummy(dev)
     grid = (triton.cdiv(n, SCORE_ROWS), triton.cdiv(m, SCORE_QUERIES))
     _tk.scores_kernel[grid](
-        _tf32_halves_torch(qr), sq, *_section_args(plan, parts, dev), arr["cents"], out, m, n, out.stride(0),
+        tf32_halves(qr), sq, *_section_args(plan, parts, dev), arr["cents"], out, m, n, out.stride(0),
         float(plan.qjl_scale), P=p, NCENT=1 << plan.config.mse_bits, BITS=plan.config.mse_bits,
         CODE_BYTES=plan.code_bytes, PROD=prod, BM=SCORE_QUERIES, BN=SCORE_ROWS, num_warps=SCORE_WARPS,
         **SINGLE_STAGE)

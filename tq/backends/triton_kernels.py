@@ -239,7 +239,7 @@ def decode_kernel(codes_ptr, norms_ptr, qjl_ptr, rnorms_ptr, cents_ptr, m_ptr, s
 
     M (entries k/P) and the +-1 signs are exact in TF32; the other operand is split into two
     TF32 halves (_tf32_split; S M split on the host), so each product is a pair of TF32 tensor-core
-    products with float32 accumulation: about 2^-21 relative, inside FORMAT.md's 1e-5."""
+    products with float32 accumulation: about 2^-20 relative, inside FORMAT.md's 1e-5."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     rmask = rows < n
     kk = tl.arange(0, P)
