@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Diagnostics for torch-triton's decode and scores kernels: a tile sweep next to CuPy, then ncu
+# on one decode and one scores launch of each config.
+# Usage (device machine, repository root): OUT=dir bash benchmarks/device/triton_sweep.sh
+set -u
+out=${OUT:-benchmarks/results}
+export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
+timeout 300 python benchmarks/device/triton_sweep.py --out "$out" 2>&1 | tee "$out/triton_sweep.log"
+timeout 200 ncu --clock-control none -k regex:'decode_kernel|scores_kernel' -c 6 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats \
+    python benchmarks/device/triton_sweep.py --ncu --n 1048576 > "$out/triton_sweep_ncu.txt" 2>&1
+tail -5 "$out/triton_sweep_ncu.txt"
