@@ -28,4 +28,4 @@ def test_triton_kernels_under_the_interpreter():
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
     counts = re.search(r"(\d+) passed", run.stdout)
-    assert counts and int(counts.group(1)) == 4 and "skipped" not in run.stdout, tail
+    assert counts and int(counts.group(1)) == 5 and "skipped" not in run.stdout, tail

@@ -80,6 +80,30 @@ def test_decode_and_scores_kernels(case):
     check_decode_scores(cfg, x.astype(np.float32), "torch-triton", torch.from_numpy, rng)
 
 
+@settings(max_examples=30, **SETTINGS)
+@given(case=encode_cases(kinds=("mse",), max_bits=8, dims=st.sampled_from([16, 20, 33, 64, 96, 100, 128])))
+def test_gluon_decode_is_the_reference(case):
+    """The one-row-per-thread decode does the reference's operations in its order: equal floats.
+    The tensor-core decode_kernel keeps being checked on the same rows (within tolerance)."""
+    cfg, n, scale, _, seed = case
+    plan = cfg.plan()
+    x = make_input(np.random.default_rng(seed), n, cfg.dim, "mixed" if scale in ("huge", "subnormal") else scale,
+                   "float32")
+    if cfg.norm_dtype == "float16":
+        x = np.clip(x, -1e3, 1e3) / np.sqrt(cfg.dim)
+    ref = tq.get_backend("numpy")
+    parts = ref.encode(plan, x)
+    want = ref.decode(plan, parts)
+    tparts = Parts(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                     (parts.codes, parts.norms, parts.qjl, parts.rnorms)))
+    assert trb.gluon_decode_applies(plan, tparts)
+    with np.errstate(all="ignore"):
+        got = trb.decode(plan, tparts).numpy()
+        plain = trb.decode(plan, tparts, gluon=False).numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(plain, want, rtol=0, atol=1e-5 * max(np.abs(want).max(), 1e-30))
+
+
 def test_scores_with_more_queries_than_a_program_takes():
     """Queries beyond SCORE_QUERIES go to a second grid axis; rows beyond SCORE_ROWS to more programs."""
     cfg = tq.QuantizerConfig(128, 3, kind="prod", seed=5)

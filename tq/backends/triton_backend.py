@@ -174,12 +174,28 @@ def _section_args(plan, parts, dev):
             parts.qjl if prod else u8, parts.rnorms if prod else f32)
 
 
-def decode(plan, parts):
-    """(n, dim) float32 from the packed sections through ``triton_kernels.decode_kernel``."""
+def gluon_decode_applies(plan, parts) -> bool:
+    """Does the one-row-per-thread Gluon decode take this plan (kind mse, P <= 128)?  It does the
+    reference's operations in its order (register butterflies); prod needs S, which runs on the
+    tensor cores of ``decode_kernel``."""
+    return (_tk is not None and _tk.gluon is not None and plan.config.kind == "mse"
+            and plan.config.mse_bits > 0 and 16 <= plan.padded_dim <= 128)
+
+
+def decode(plan, parts, gluon: bool | None = None):
+    """(n, dim) float32 from the packed sections through ``triton_kernels.decode_gluon`` where
+    :func:`gluon_decode_applies` (unless ``gluon=False``), else ``triton_kernels.decode_kernel``."""
     dev = parts.codes.device
     n, p, b = parts.codes.shape[0], plan.padded_dim, plan.config.mse_bits
     out = torch.empty((n, plan.dim), dtype=torch.float32, device=dev)
     if n == 0:
+        return out
+    if gluon is not False and gluon_decode_applies(plan, parts):
+        prm = _params(plan, dev)
+        _tk.decode_gluon[(triton.cdiv(n, 32 * GLUON_WARPS),)](
+            parts.codes, parts.norms, prm["signs"], prm["centroids"], out, n, out.stride(0),
+            DIM=plan.dim, P=p, LOG2P=p.bit_length() - 1, ROUNDS=prm["signs"].shape[0], BITS=b,
+            NW=GLUON_WARPS, num_warps=GLUON_WARPS, **_tk.STRICT)
         return out
     arr, prod = _device_arrays(plan, dev), plan.config.kind == "prod"
     sm = arr["sm"] if prod else _dummy(dev).expand(2, 1)

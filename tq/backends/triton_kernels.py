@@ -432,3 +432,52 @@ if gluon is not None:
             gamma = (_g_norm(res, L, R, P, LOG2P) * rho) * _g_pow2(e)
             gl.store(rnorms_ptr + rows, gamma.to(rnorms_ptr.dtype.element_ty), mask=rmask)
             _g_store_qjl(res, rows, rmask, cols, qjl_ptr, signs_out_ptr, P, 32 if P >= 32 else P, RL)
+
+    @gluon.jit
+    def _g_load_codes(codes_ptr, rows, rmask, R: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr,
+                      NW: gl.constexpr, L: gl.constexpr):
+        """(R, P) codes, one row per thread: the inverse of _g_store_packed (FORMAT.md section 4)."""
+        L3: gl.constexpr = gl.BlockedLayout([1, P // 8, 8], [32, 1, 1], [NW, 1, 1], [2, 1, 0])
+        wl: gl.constexpr = gl.SliceLayout(2, L3)
+        wide: gl.constexpr = gl.int64 if BITS > 4 else gl.int32  # bit 31 may be set: the mask drops the sign
+        wrow = gl.convert_layout(rows, gl.SliceLayout(1, wl)).to(gl.int64)[:, None] * (P // 8 * BITS)
+        wmask = gl.convert_layout(rmask, gl.SliceLayout(1, wl))[:, None]
+        gcol = gl.arange(0, P // 8, layout=gl.SliceLayout(0, wl)) * BITS
+        w = gl.zeros([R, P // 8], wide, wl)
+        for k in gl.static_range(BITS):
+            w |= gl.load(codes_ptr + wrow + (gcol + k)[None, :], mask=wmask, other=0).to(wide) << (8 * k)
+        shifts = (gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * BITS).to(wide)
+        idx = ((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(gl.int32)
+        return gl.convert_layout(gl.reshape(idx, [R, P]), L, assert_trivial=True)
+
+    @gluon.jit
+    def decode_gluon(codes_ptr, norms_ptr, signs_ptr, cents_ptr, out_ptr, n, stride_out,
+                     DIM: gl.constexpr, P: gl.constexpr, LOG2P: gl.constexpr, ROUNDS: gl.constexpr,
+                     BITS: gl.constexpr, NW: gl.constexpr):
+        """MSE decode with one row per thread, as FORMAT.md section 3 writes it: y = nu c[idx], then
+        per round (last first) v = fwht(v) * signs, then v / P, the butterflies in registers
+        (the reference's operations in its order).  The rows go out through a layout conversion
+        (shared memory) so a warp's store is whole 512-byte rows, not 32 rows' scattered pieces."""
+        R: gl.constexpr = 32 * NW
+        L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
+        RL: gl.constexpr = gl.SliceLayout(1, L)
+        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
+        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
+        rmask = rows < n
+        idx = _g_load_codes(codes_ptr, rows, rmask, R, P, BITS, NW, L)
+        if BITS <= 4:  # up to 16 centroids by a chain of selects, else a gather
+            c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
+            for k in gl.static_range(1, 1 << BITS):
+                c = gl.where(idx == k, gl.load(cents_ptr + k), c)
+        else:
+            c = gl.load(cents_ptr + idx)
+        v = c * gl.load(norms_ptr + rows, mask=rmask, other=0.0).to(gl.float32)[:, None]
+        for r in gl.static_range(ROUNDS):
+            v = _g_fwht(v, L, R, P, LOG2P) * gl.load(signs_ptr + (ROUNDS - 1 - r) * P + cols)[None, :]
+        v = v * (1.0 / P)
+        SL: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // P, P // 4], [NW, 1], [1, 0])
+        v = gl.convert_layout(v, SL)
+        srows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, SL))
+        scols = gl.arange(0, P, layout=gl.SliceLayout(0, SL))
+        gl.store(out_ptr + srows.to(gl.int64)[:, None] * stride_out + scols[None, :], v,
+                 mask=(srows < n)[:, None] & (scols < DIM)[None, :])
