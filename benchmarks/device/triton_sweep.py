@@ -66,7 +66,7 @@ def main():
         plan = tq.QuantizerConfig(d, int(bits), kind=kind, rotation="hadamard", seed=1).plan()
         parts = tt.encode(plan, x)
         if args.ncu:
-            tt.decode(plan, parts), tt.scores(plan, q, parts)
+            tt.decode(plan, parts), tb.decode(plan, parts, gluon=False), tt.scores(plan, q, parts)
             torch.cuda.synchronize()
             continue
         ref_dec = tref.decode(plan, sub(parts, lambda a: a[:4096]))
@@ -80,11 +80,16 @@ def main():
                 "cupy_scores_ms": timed(torch, lambda: cpb.scores(plan, qc, cparts))}
         saved = (tb.DECODE_ROWS, tb.DECODE_COLUMNS, tb.DECODE_WARPS, tb.SINGLE_STAGE,
                  tb.SCORE_ROWS, tb.SCORE_QUERIES, tb.SCORE_WARPS)
+        if tb.gluon_decode_applies(plan, parts):
+            err = float(((tb.decode(plan, parts)[:4096] - ref_dec).abs().max() / ref_dec.abs().max()))
+            rows.append({**base, "op": "decode", "tile": "gluon", "ms": timed(torch, lambda: tb.decode(plan, parts)),
+                         "rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
         for r, nb, w, st in DECODE:
             tb.DECODE_ROWS, tb.DECODE_COLUMNS, tb.DECODE_WARPS, tb.SINGLE_STAGE = r, nb, w, {"num_stages": st}
             try:
-                err = float(((tt.decode(plan, parts)[:4096] - ref_dec).abs().max() / ref_dec.abs().max()))
-                ms = timed(torch, lambda: tt.decode(plan, parts))
+                err = float(((tb.decode(plan, parts, gluon=False)[:4096] - ref_dec).abs().max() / ref_dec.abs().max()))
+                ms = timed(torch, lambda: tb.decode(plan, parts, gluon=False))
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result
                 err, ms = None, f"{type(e).__name__}: {str(e)[:120]}"
             rows.append({**base, "op": "decode", "tile": [r, nb, w, st], "ms": ms, "rel_err": err})
