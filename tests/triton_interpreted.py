@@ -78,6 +78,12 @@ def test_decode_and_scores_kernels(case):
     parts = Parts(*(torch.zeros((1, 1), dtype=torch.uint8) for _ in range(4)))
     assert trb.decode_applies(plan, parts)
     check_decode_scores(cfg, x.astype(np.float32), "torch-triton", torch.from_numpy, rng)
+    if trb.gluon_scores_applies(plan, parts):  # and the tensor-core scores kernel on the same rows
+        saved, trb.gluon_scores_applies = trb.gluon_scores_applies, lambda *a: False
+        try:
+            check_decode_scores(cfg, x.astype(np.float32), "torch-triton", torch.from_numpy, rng)
+        finally:
+            trb.gluon_scores_applies = saved
 
 
 @settings(max_examples=30, **SETTINGS)

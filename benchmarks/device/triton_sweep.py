@@ -66,7 +66,7 @@ def main():
         plan = tq.QuantizerConfig(d, int(bits), kind=kind, rotation="hadamard", seed=1).plan()
         parts = tt.encode(plan, x)
         if args.ncu:
-            tt.decode(plan, parts), tb.decode(plan, parts, gluon=False), tt.scores(plan, q, parts)
+            tt.decode(plan, parts), tb.decode(plan, parts, gluon=False), tt.scores(plan, q, parts), tb.scores(plan, q, parts, gluon=False)
             torch.cuda.synchronize()
             continue
         ref_dec = tref.decode(plan, sub(parts, lambda a: a[:4096]))
@@ -95,11 +95,16 @@ def main():
             rows.append({**base, "op": "decode", "tile": [r, nb, w, st], "ms": ms, "rel_err": err})
             print(json.dumps(rows[-1]), flush=True)
         (tb.DECODE_ROWS, tb.DECODE_COLUMNS, tb.DECODE_WARPS, tb.SINGLE_STAGE) = saved[:4]
+        if tb.gluon_scores_applies(plan, parts):
+            err = float(((tb.scores(plan, q, parts)[:, :4096] - ref_sc).abs().max() / ref_sc.abs().max()))
+            rows.append({**base, "op": "scores", "tile": "gluon", "ms": timed(torch, lambda: tb.scores(plan, q, parts)),
+                         "rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
         for bn, bm, w in SCORES:
             tb.SCORE_ROWS, tb.SCORE_QUERIES, tb.SCORE_WARPS = bn, bm, w
             try:
-                err = float(((tt.scores(plan, q, parts)[:, :4096] - ref_sc).abs().max() / ref_sc.abs().max()))
-                ms = timed(torch, lambda: tt.scores(plan, q, parts))
+                err = float(((tb.scores(plan, q, parts, gluon=False)[:, :4096] - ref_sc).abs().max() / ref_sc.abs().max()))
+                ms = timed(torch, lambda: tb.scores(plan, q, parts, gluon=False))
             except Exception as e:  # noqa: BLE001
                 err, ms = None, f"{type(e).__name__}: {str(e)[:120]}"
             rows.append({**base, "op": "scores", "tile": [bn, bm, w], "ms": ms, "rel_err": err})

@@ -7,7 +7,7 @@ out=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
 timeout 300 python benchmarks/device/triton_sweep.py --out "$out" 2>&1 | tee "$out/triton_sweep.log"
-timeout 200 ncu --clock-control none -k regex:'decode_kernel|decode_gluon|scores_kernel' -c 8 \
+timeout 200 ncu --clock-control none -k regex:'decode_kernel|decode_gluon|scores_kernel|scores_gluon' -c 12 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section SchedulerStats \
     python benchmarks/device/triton_sweep.py --ncu --n 1048576 > "$out/triton_sweep_ncu.txt" 2>&1

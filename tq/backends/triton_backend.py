@@ -208,9 +208,16 @@ def decode(plan, parts, gluon: bool | None = None):
     return out
 
 
-def scores(plan, q, parts):
-    """(m, n) float32 estimates of <q_i, x_j> through ``triton_kernels.scores_kernel``: the
-    queries are rotated once (eager torch), the packed rows read once per 16 queries."""
+def gluon_scores_applies(plan, parts) -> bool:
+    """Does the one-row-per-thread Gluon scores kernel take this plan (P <= 128)?"""
+    return _tk is not None and _tk.gluon is not None and 16 <= plan.padded_dim <= 128
+
+
+def scores(plan, q, parts, gluon: bool | None = None):
+    """(m, n) float32 estimates of <q_i, x_j>: the queries are rotated once (eager torch), then
+    ``triton_kernels.scores_gluon`` reads each packed row once for all queries where
+    :func:`gluon_scores_applies` (unless ``gluon=False``), else ``triton_kernels.scores_kernel``
+    once per 16 queries."""
     dev = parts.codes.device
     prm, arr = _params(plan, dev), _device_arrays(plan, dev)
     qr = _rotate(plan, prm, q.to(device=dev, dtype=torch.float32))
@@ -219,10 +226,18 @@ def scores(plan, q, parts):
     out = torch.empty((m, n), dtype=torch.float32, device=dev)
     if m == 0 or n == 0:
         return out
-    sq = tf32_halves(_mm(qr, prm["qjl_t"])) if prod else _dummy(dev)
+    sq = _mm(qr, prm["qjl_t"]).contiguous() if prod else None
+    if gluon is not False and gluon_scores_applies(plan, parts):
+        b = plan.config.mse_bits
+        _tk.scores_gluon[(triton.cdiv(n, 32 * GLUON_WARPS),)](
+            qr.contiguous(), sq if prod else _dummy(dev), *_section_args(plan, parts, dev),
+            prm["centroids"] if b > 0 else _dummy(dev), out, m, n, out.stride(0), float(plan.qjl_scale),
+            P=p, BITS=b, PROD=prod, NW=GLUON_WARPS, num_warps=GLUON_WARPS)
+        return out
     grid = (triton.cdiv(n, SCORE_ROWS), triton.cdiv(m, SCORE_QUERIES))
     _tk.scores_kernel[grid](
-        tf32_halves(qr), sq, *_section_args(plan, parts, dev), arr["cents"], out, m, n, out.stride(0),
+        tf32_halves(qr), tf32_halves(sq) if prod else _dummy(dev), *_section_args(plan, parts, dev),
+        arr["cents"], out, m, n, out.stride(0),
         float(plan.qjl_scale), P=p, NCENT=1 << plan.config.mse_bits, BITS=plan.config.mse_bits,
         CODE_BYTES=plan.code_bytes, PROD=prod, BM=SCORE_QUERIES, BN=SCORE_ROWS, num_warps=SCORE_WARPS,
         **SINGLE_STAGE)

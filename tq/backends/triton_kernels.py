@@ -481,3 +481,40 @@ if gluon is not None:
         scols = gl.arange(0, P, layout=gl.SliceLayout(0, SL))
         gl.store(out_ptr + srows.to(gl.int64)[:, None] * stride_out + scols[None, :], v,
                  mask=(srows < n)[:, None] & (scols < DIM)[None, :])
+
+    @gluon.jit
+    def scores_gluon(q_ptr, sq_ptr, codes_ptr, norms_ptr, qjl_ptr, rnorms_ptr, cents_ptr, out_ptr,
+                     m, n, stride_out, qscale,
+                     P: gl.constexpr, BITS: gl.constexpr, PROD: gl.constexpr, NW: gl.constexpr):
+        """scores_kernel with one row per thread: the row's nu c[idx] stays in registers, and each query
+        (a broadcast load of q~_i, and of S q~_i for prod) is one in-thread dot product, so the store
+        of out[i, rows] is a warp's 32 consecutive floats.  Sums in the compiler's order (float32
+        tolerance, FORMAT.md section 3)."""
+        R: gl.constexpr = 32 * NW
+        L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
+        RL: gl.constexpr = gl.SliceLayout(1, L)
+        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
+        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
+        rmask = rows < n
+        if BITS > 0:
+            idx = _g_load_codes(codes_ptr, rows, rmask, R, P, BITS, NW, L)
+            if BITS <= 4:
+                c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
+                for k in gl.static_range(1, 1 << BITS):
+                    c = gl.where(idx == k, gl.load(cents_ptr + k), c)
+            else:
+                c = gl.load(cents_ptr + idx)
+            nu = gl.load(norms_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
+        if PROD:
+            g = gl.load(rnorms_ptr + rows, mask=rmask, other=0.0).to(gl.float32) * qscale
+        optr = out_ptr + rows.to(gl.int64)
+        for i in range(m):  # a loop, not unrolled: one query row live at a time
+            acc = gl.zeros([R], gl.float32, RL)
+            if BITS > 0:
+                acc = gl.sum(c * gl.load(q_ptr + i * P + cols)[None, :], axis=1) * nu
+            if PROD:  # the signs again from the packed bits (two P-vectors would not fit registers)
+                s = _g_load_codes(qjl_ptr, rows, rmask, R, P, 1, NW, L) != 0
+                sq = gl.load(sq_ptr + i * P + cols)[None, :]
+                acc += gl.sum(gl.where(s, sq, -sq), axis=1) * g
+            gl.store(optr, acc, mask=rmask)
+            optr += stride_out  # a 64-bit pointer step: i * stride_out could pass 2^31
