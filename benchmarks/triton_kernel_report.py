@@ -34,7 +34,12 @@ SECTIONS = {"codes_ptr": "*u8", "norms_ptr": "*fp16", "qjl_ptr": "*u8", "rnorms_
 def ptxas_info(ptx: str) -> dict:
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    try:  # the ptxas Triton itself picks for sm_90 (newer Triton ship two, for the PTX it writes)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except (ImportError, TypeError, AttributeError):
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -106,6 +111,18 @@ def report(dims) -> list[dict]:
                        m="i32", n="i32", stride_out="i32", qscale="fp32", **{k: "constexpr" for k in consts})
             rows.append(dict(base, kernel="scores_kernel", **compile_one(
                 tk.scores_kernel, sig, consts, dict(num_warps=trb.SCORE_WARPS, **trb.SINGLE_STAGE))))
+        if 16 <= p <= 128 and kind == "mse":
+            consts = {"DIM": d, "P": p, "LOG2P": p.bit_length() - 1, "ROUNDS": 2, "BITS": b, "NW": trb.GLUON_WARPS}
+            sig = dict(codes_ptr="*u8", norms_ptr="*fp16", signs_ptr="*fp32", cents_ptr="*fp32", out_ptr="*fp32",
+                       n="i32", stride_out="i32", **{k: "constexpr" for k in consts})
+            rows.append(dict(base, kernel="decode_gluon", **compile_one(
+                tk.decode_gluon, sig, consts, dict(num_warps=trb.GLUON_WARPS, **tk.STRICT), gluon=True)))
+        if 16 <= p <= 128:
+            consts = {"P": p, "BITS": b, "PROD": prod, "NW": trb.GLUON_WARPS}
+            sig = dict({"q_ptr": "*fp32", "sq_ptr": "*fp32"}, **SECTIONS, cents_ptr="*fp32", out_ptr="*fp32",
+                       m="i32", n="i32", stride_out="i32", qscale="fp32", **{k: "constexpr" for k in consts})
+            rows.append(dict(base, kernel="scores_gluon", **compile_one(
+                tk.scores_gluon, sig, consts, dict(num_warps=trb.GLUON_WARPS), gluon=True)))
         print(rows[-1]["kernel"], d, kind, bits, "done", flush=True)
     return rows
 
