@@ -389,9 +389,7 @@ if gluon is not None:
         R: gl.constexpr = 32 * NW
         L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
         RL: gl.constexpr = gl.SliceLayout(1, L)
-        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
-        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
-        rmask = rows < n
+        rows, cols, rmask = _g_tile(n, R, P, L)
         x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_x + cols[None, :],
                     mask=rmask[:, None] & (cols < DIM)[None, :], other=0.0).to(gl.float32)
         m = gl.max(gl.abs(x), axis=1)
@@ -434,6 +432,23 @@ if gluon is not None:
             _g_store_qjl(res, rows, rmask, cols, qjl_ptr, signs_out_ptr, P, 32 if P >= 32 else P, RL)
 
     @gluon.jit
+    def _g_tile(n, R: gl.constexpr, P: gl.constexpr, L: gl.constexpr):
+        """This program's rows (R of them, one per thread), the P columns each holds, the row mask."""
+        rows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        return rows, gl.arange(0, P, layout=gl.SliceLayout(0, L)), rows < n
+
+    @gluon.jit
+    def _g_centroids(idx, cents_ptr, BITS: gl.constexpr):
+        """c[idx] in idx's layout: up to 16 centroids by a chain of selects, else a gather."""
+        if BITS <= 4:
+            c = (idx * 0).to(gl.float32) + gl.load(cents_ptr)
+            for k in gl.static_range(1, 1 << BITS):
+                c = gl.where(idx == k, gl.load(cents_ptr + k), c)
+        else:
+            c = gl.load(cents_ptr + idx)
+        return c
+
+    @gluon.jit
     def _g_load_codes(codes_ptr, rows, rmask, R: gl.constexpr, P: gl.constexpr, BITS: gl.constexpr,
                       NW: gl.constexpr, L: gl.constexpr):
         """(R, P) codes, one row per thread: the inverse of _g_store_packed (FORMAT.md section 4)."""
@@ -460,17 +475,9 @@ if gluon is not None:
         (shared memory) so a warp's store is whole 512-byte rows, not 32 rows' scattered pieces."""
         R: gl.constexpr = 32 * NW
         L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
-        RL: gl.constexpr = gl.SliceLayout(1, L)
-        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
-        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
-        rmask = rows < n
+        rows, cols, rmask = _g_tile(n, R, P, L)
         idx = _g_load_codes(codes_ptr, rows, rmask, R, P, BITS, NW, L)
-        if BITS <= 4:  # up to 16 centroids by a chain of selects, else a gather
-            c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
-            for k in gl.static_range(1, 1 << BITS):
-                c = gl.where(idx == k, gl.load(cents_ptr + k), c)
-        else:
-            c = gl.load(cents_ptr + idx)
+        c = _g_centroids(idx, cents_ptr, BITS)
         v = c * gl.load(norms_ptr + rows, mask=rmask, other=0.0).to(gl.float32)[:, None]
         for r in gl.static_range(ROUNDS):
             v = _g_fwht(v, L, R, P, LOG2P) * gl.load(signs_ptr + (ROUNDS - 1 - r) * P + cols)[None, :]
@@ -493,17 +500,10 @@ if gluon is not None:
         R: gl.constexpr = 32 * NW
         L: gl.constexpr = gl.BlockedLayout([1, P], [32, 1], [NW, 1], [1, 0])
         RL: gl.constexpr = gl.SliceLayout(1, L)
-        rows = gl.program_id(0) * R + gl.arange(0, R, layout=RL)
-        cols = gl.arange(0, P, layout=gl.SliceLayout(0, L))
-        rmask = rows < n
+        rows, cols, rmask = _g_tile(n, R, P, L)
         if BITS > 0:
             idx = _g_load_codes(codes_ptr, rows, rmask, R, P, BITS, NW, L)
-            if BITS <= 4:
-                c = gl.zeros([R, P], gl.float32, L) + gl.load(cents_ptr)
-                for k in gl.static_range(1, 1 << BITS):
-                    c = gl.where(idx == k, gl.load(cents_ptr + k), c)
-            else:
-                c = gl.load(cents_ptr + idx)
+            c = _g_centroids(idx, cents_ptr, BITS)
             nu = gl.load(norms_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
         if PROD:
             g = gl.load(rnorms_ptr + rows, mask=rmask, other=0.0).to(gl.float32) * qscale
