@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tq  # noqa: E402
 from tq.backends import triton_backend as tb  # noqa: E402
+from bench_gpu import events_time  # noqa: E402
 
 
 def sub(parts, f):
@@ -26,17 +25,8 @@ def sub(parts, f):
 
 
 def timed(torch, fn, repeats=7):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Median ms per call (bench_gpu's CUDA-event timer)."""
+    return events_time(torch, fn, repeats)[0] * 1e3
 
 
 DECODE = [(64, 64, 8, 1), (64, 128, 8, 1), (128, 64, 8, 1), (64, 32, 4, 1), (64, 64, 4, 1), (128, 32, 8, 1),

@@ -219,7 +219,7 @@ def scores(plan, q, parts, gluon: bool | None = None):
     :func:`gluon_scores_applies` (unless ``gluon=False``), else ``triton_kernels.scores_kernel``
     once per 16 queries."""
     dev = parts.codes.device
-    prm, arr = _params(plan, dev), _device_arrays(plan, dev)
+    prm = _params(plan, dev)
     qr = _rotate(plan, prm, q.to(device=dev, dtype=torch.float32))
     m, n, p = q.shape[0], parts.codes.shape[0], plan.padded_dim
     prod = plan.config.kind == "prod"
@@ -237,7 +237,7 @@ def scores(plan, q, parts, gluon: bool | None = None):
     grid = (triton.cdiv(n, SCORE_ROWS), triton.cdiv(m, SCORE_QUERIES))
     _tk.scores_kernel[grid](
         tf32_halves(qr), tf32_halves(sq) if prod else _dummy(dev), *_section_args(plan, parts, dev),
-        arr["cents"], out, m, n, out.stride(0),
+        _device_arrays(plan, dev)["cents"], out, m, n, out.stride(0),
         float(plan.qjl_scale), P=p, NCENT=1 << plan.config.mse_bits, BITS=plan.config.mse_bits,
         CODE_BYTES=plan.code_bytes, PROD=prod, BM=SCORE_QUERIES, BN=SCORE_ROWS, num_warps=SCORE_WARPS,
         **SINGLE_STAGE)
